@@ -1,0 +1,132 @@
+"""The command line: options, bad input, and the main job end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipelines.cli import build_parser, config_from_args, main
+from pipelines.config import RunConfig
+
+
+def _run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_help_documents_units_and_defaults():
+    result = _run_cli("run", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines at the terminal width
+    assert "--num-samples S posterior samples of the head per prediction (default: 20)" in text
+    assert "$BAYESHEAD_DATA" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["run", "--dataset", "mnist"], ["invalid choice: 'mnist'", "digits", "cifar10", "image-folder"]),
+        (["run", "--epochs", "0"], ["--epochs", "expected a positive integer, got 0"]),
+        (["run", "--num-samples", "0"], ["--num-samples", "expected a positive integer, got 0"]),
+        (["run", "--device", "tpu"], ["invalid choice: 'tpu'", "auto", "cpu", "cuda"]),
+        (["run", "--prior", "cauchy"], ["invalid choice: 'cauchy'", "laplace", "scale-mixture", "hierarchical"]),
+    ],
+)
+def test_invalid_options_list_valid_values(args, fragments, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_line_error(tmp_path, capsys):
+    code = main(["run", "--device", "cuda", "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "CUDA is not available" in error
+    assert "Traceback" not in error
+    assert len(error.strip().splitlines()) == 1
+
+
+def test_missing_data_dir_is_one_line_error(tmp_path):
+    result = _run_cli("run", "--dataset", "cifar10", "--data-dir", str(tmp_path / "absent"),
+                      "--out", str(tmp_path / "out"), "--no-progress")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("bayeshead: error")]
+    assert len(error_lines) == 1
+    assert str(tmp_path / "absent") in error_lines[0]
+    assert "--download" in error_lines[0]
+
+
+def test_evaluate_missing_run_dir(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert f"no report.json in {tmp_path}" in capsys.readouterr().err
+
+
+def test_config_file_equals_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('dataset = "cifar10"\nepochs = 4\nprior = "laplace"\nprior-scale = 0.5\n'
+                    '[guide]\nguide = "lowrank"\nguide-rank = 3\n')
+    parser = build_parser()
+    from_file = config_from_args(parser.parse_args(["run", "--config", str(toml), "--seed", "7"]))
+    from_flags = config_from_args(parser.parse_args(
+        ["run", "--dataset", "cifar10", "--epochs", "4", "--prior", "laplace", "--prior-scale", "0.5",
+         "--guide", "lowrank", "--guide-rank", "3", "--seed", "7"]))
+    assert from_file == from_flags
+    overridden = config_from_args(parser.parse_args(["run", "--config", str(toml), "--epochs", "9"]))
+    assert overridden.epochs == 9
+
+
+def test_config_file_unknown_key(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text("epochz = 3\n")
+    assert main(["run", "--config", str(toml)]) == 2
+    assert "unknown option(s) epochz" in capsys.readouterr().err
+
+
+def test_run_and_evaluate_on_real_cifar_subset(cifar_jpeg_root, tmp_path):
+    out = tmp_path / "run"
+    result = _run_cli("run", "--dataset", "cifar10", "--data-dir", str(cifar_jpeg_root), "--subset", "2000",
+                      "--epochs", "1", "--num-samples", "10", "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+
+    assert report["dataset"] == "cifar10"
+    sizes = report["sizes"]
+    assert sizes["train"] + sizes["val"] == 2000
+    assert abs(sizes["val"] - 200) <= 5  # 10% of each class, rounded per class
+    assert sizes["test"] == 2000
+    assert report["config"]["num_samples"] == 10
+    assert set(report["versions"]) >= {"torch", "pyro-ppl", "arviz", "numpy"}
+    for name in ("deterministic", "bayesian"):
+        row = report["models"][name]
+        assert 0.1 < row["accuracy"] <= 1.0  # one epoch on 1,800 images beats chance (0.1)
+        assert 0.0 <= row["ece"] <= row["mce"] <= 1.0
+        assert 0.0 < row["nll"] < 10.0
+        assert 0.0 <= row["brier"] <= 2.0
+        assert row["train_seconds"] > 0 and row["predict_seconds"] > 0
+        assert (out / f"reliability_{name}.png").stat().st_size > 1000
+    assert report["models"]["bayesian"]["prior"] == {"name": "normal", "scale": 1.0}
+    assert "| CNN + Bayesian head (SVI) |" in (out / "report.md").read_text()
+
+    evaluated = _run_cli("evaluate", str(out))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    recomputed = json.loads((out / "evaluation.json").read_text())
+    for name in ("deterministic", "bayesian"):
+        for key in ("accuracy", "ece", "mce", "nll", "brier"):
+            assert recomputed["models"][name][key] == pytest.approx(report["models"][name][key], abs=1e-6), (name, key)
+
+
+def test_default_config_is_digits():
+    config = RunConfig()
+    assert config.dataset == "digits"
+    assert config.resolved_epochs() == 30
+    assert config.validate() is config
