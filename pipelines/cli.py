@@ -4,6 +4,7 @@ pipeline functions that Python users call too."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -18,6 +19,11 @@ logger = logging.getLogger("bayeshead")
 
 # Errors caused by what the user asked for: reported in one line, without a traceback.
 USER_ERRORS = (ConfigError, DataError, TrainingError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+# Modules that add sub-commands: each defines ``add_commands(subparsers)``, and every parser it
+# adds sets ``handler=function(args) -> int`` with ``set_defaults``.
+COMMAND_MODULES = ("pipelines.diagnostics", "pipelines.clinical")
 
 
 def _positive_int(text: str) -> int:
@@ -129,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", metavar="RUN_DIR", help="output folder of 'bayeshead run'")
     evaluate.add_argument("--data-dir", metavar="DIR", help="data folder, if it moved since the run")
     evaluate.add_argument("--device", choices=DEVICES, help="device to evaluate on (default: the run's)")
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_commands(commands)
     return parser
 
 
@@ -166,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(args.run_dir, data_dir=args.data_dir, device=args.device)
             _print_table(result["recomputed"])
             print(json.dumps({"evaluation": f"{args.run_dir}/evaluation.json"}))
+        else:
+            return args.handler(args)
     except USER_ERRORS as error:
         message = error.args[0] if isinstance(error, (FileNotFoundError, PermissionError)) and error.args and isinstance(error.args[0], str) and not error.filename else error
         print(f"bayeshead: error: {message}", file=sys.stderr)

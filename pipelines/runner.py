@@ -174,6 +174,10 @@ def run(config: RunConfig) -> dict:
     predictions = predict_both(config, models, loaders["test"])
     report = reporting.build_report(config, data, device, predictions,
                                     {k: r for k, r in models.results.items()}, models.hybrid, models.guide)
+    if data.name == "brain-mri":
+        from pipelines.clinical import write_clinical_outputs
+
+        report["clinical"] = write_clinical_outputs(out, config, data, models, loaders, predictions)
     reporting.write_report(out, report, predictions, data.classes)
     return report
 
