@@ -1,6 +1,6 @@
 """Backbones, Bayesian heads and priors."""
 
-from models.backbone import CNNBackbone, freeze, is_frozen
+from models.backbone import CNNBackbone, MLPBackbone, freeze, is_frozen
 from models.classifiers import DeterministicClassifier, HybridClassifier
 from models.heads import BayesianLinearHead, data_plate
 from models.priors import (
@@ -24,6 +24,7 @@ __all__ = [
     "HierarchicalPrior",
     "HybridClassifier",
     "LaplacePrior",
+    "MLPBackbone",
     "NormalPrior",
     "Prior",
     "ScaleMixturePrior",

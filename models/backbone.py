@@ -1,4 +1,4 @@
-"""Deterministic convolutional feature extractors."""
+"""Deterministic feature extractors: convolutional for images, fully connected for tables."""
 
 from __future__ import annotations
 
@@ -75,6 +75,45 @@ class CNNBackbone(nn.Module):
             )
         features = self.pool(self.blocks(images)).flatten(1)
         return self.dropout(features)
+
+
+class MLPBackbone(nn.Module):
+    """Fully connected layers with ReLU, the feature extractor for tabular inputs.
+
+    Parameters
+    ----------
+    in_features : int
+        Columns of the input table.
+    widths : sequence of int
+        Output size of each hidden layer. The feature dimension is ``widths[-1]``.
+
+    Shapes
+    ------
+    ``(batch, in_features)`` in, ``(batch, widths[-1])`` out.
+    """
+
+    def __init__(self, in_features: int, widths: Sequence[int] = (32, 64, 128)):
+        super().__init__()
+        if in_features < 1:
+            raise ValueError(f"in_features must be at least 1, got {in_features}")
+        if not widths or any(int(w) < 1 for w in widths):
+            raise ValueError(f"widths must be a non-empty list of positive ints, got {widths}")
+        self.in_features = int(in_features)
+        self.widths = tuple(int(w) for w in widths)
+        self.out_features = self.widths[-1]
+        layers: list[nn.Module] = []
+        size = self.in_features
+        for width in self.widths:
+            layers += [nn.Linear(size, width), nn.ReLU()]
+            size = width
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.dim() != 2 or inputs.shape[1] != self.in_features:
+            raise ValueError(
+                f"expected inputs of shape (batch, {self.in_features}), got {tuple(inputs.shape)}"
+            )
+        return self.layers(inputs)
 
 
 class _PoolIfLarger(nn.Module):

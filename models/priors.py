@@ -17,6 +17,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import constraints
 
 PRIOR_NAMES = ("normal", "laplace", "student-t", "scale-mixture", "hierarchical")
 HYPERPRIOR_NAMES = ("half-cauchy", "inverse-gamma")
@@ -95,6 +96,17 @@ class StudentTPrior(Prior):
         return dist.StudentT(self.df, torch.zeros_like(self.scale), self.scale).expand(shape)
 
 
+class _RealScaleMixture(dist.MixtureSameFamily):
+    """A mixture of zero-mean Normals whose support is declared as the real line.
+
+    ``MixtureSameFamily`` reports a ``MixtureSameFamilyConstraint`` support, which has no
+    ``biject_to`` transform, so the autoguides could not place a guide on it. A mixture of
+    Normals is supported on the whole real line, and saying so lets every guide work.
+    """
+
+    support = constraints.real
+
+
 class ScaleMixturePrior(Prior):
     """Two-component Gaussian scale mixture of Blundell et al. (2015), "Weight Uncertainty in
     Neural Networks": ``pi * N(0, sigma1**2) + (1 - pi) * N(0, sigma2**2)``, with a wide
@@ -115,7 +127,7 @@ class ScaleMixturePrior(Prior):
         mixing = dist.Categorical(probs=torch.stack([self.pi, 1.0 - self.pi]).expand(shape + (2,)))
         scales = torch.stack([self.sigma1, self.sigma2]).expand(shape + (2,))
         components = dist.Normal(torch.zeros_like(scales), scales)
-        return dist.MixtureSameFamily(mixing, components)
+        return _RealScaleMixture(mixing, components)
 
 
 class HierarchicalPrior(Prior):
@@ -155,8 +167,8 @@ class HierarchicalPrior(Prior):
                 dist.InverseGamma(self.concentration, self.rate).expand(shape).to_event(1),
             )
             tau = variance.sqrt()
-        # tau may carry sample dimensions in front, (..., out_features); the weights get
-        # the same leading dimensions so each draw of tau scales its own weight draw.
+        # tau may carry sample dimensions in front, (..., out_features). The weights get the
+        # same leading dimensions, so each draw of tau scales its own weight draw.
         weight_scale = tau.unsqueeze(-1).expand(tau.shape + (in_features,))
         weight = pyro.sample(
             f"{prefix}.weight", dist.Normal(torch.zeros_like(weight_scale), weight_scale).to_event(2)

@@ -11,7 +11,16 @@ import sys
 
 from guides.autoguides import GUIDE_NAMES
 from models.priors import HYPERPRIOR_NAMES, PRIOR_NAMES
-from pipelines.config import DEVICES, ELBOS, SCHEMES, ConfigError, RunConfig, load_toml
+from pipelines.config import (
+    DEVICES,
+    ELBOS,
+    LIKELIHOOD_NAMES,
+    REGRESSION_DATASET_NAMES,
+    SCHEMES,
+    ConfigError,
+    RunConfig,
+    load_toml,
+)
 from pipelines.data import DATASET_NAMES, DataError
 from pipelines.training import TrainingError
 
@@ -56,6 +65,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _noise_scale(text: str) -> float | str:
+    if text == "learned":
+        return text
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'learned', got {text!r}") from None
+
+
 def _widths(text: str) -> tuple[int, ...]:
     try:
         return tuple(_positive_int(part) for part in text.split(","))
@@ -67,7 +85,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     d = RunConfig()
     add = parser.add_argument
     add("--config", metavar="FILE.toml", help="TOML file with any of the options below; flags override it")
-    add("--dataset", choices=DATASET_NAMES, help=f"dataset to train and test on (default: {d.dataset})")
+    add("--dataset", choices=DATASET_NAMES + REGRESSION_DATASET_NAMES,
+        help=f"dataset to train and test on; tabular is a CSV file for regression (default: {d.dataset})")
     add("--data-dir", metavar="DIR",
         help="folder holding the data (default: $BAYESHEAD_DATA, else ./data)")
     add("--out", metavar="DIR", help=f"output folder for checkpoints and reports (default: {d.out})")
@@ -78,6 +97,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add("--weight-decay", type=float, help=f"AdamW weight decay on backbone kernels (default: {d.weight_decay})")
     add("--num-samples", type=_positive_int, metavar="S",
         help=f"posterior samples of the head per prediction (default: {d.num_samples})")
+    add("--local-reparameterization", action="store_true", default=None,
+        help="predict by sampling each image's logits from their Gaussian marginal instead of sampling "
+             "head weights (mean-field guides normal, diagonal and meanfield only)")
     add("--subset", type=_positive_int, metavar="N",
         help="use a seeded random subset of at most N training and N test images (default: all)")
     add("--val-fraction", type=float, help=f"share of training images held out for validation (default: {d.val_fraction})")
@@ -112,6 +134,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="joint: backbone and head trained together by SVI; two-stage: head fitted by SVI on the "
              f"frozen, trained deterministic backbone (default: {d.scheme})")
     add("--head-epochs", type=_positive_int, help=f"SVI epochs of the head in the two-stage scheme (default: {d.head_epochs})")
+    add("--likelihood", choices=LIKELIHOOD_NAMES,
+        help="categorical for classification, gaussian for regression on --dataset tabular "
+             f"(default: {d.likelihood})")
+    add("--noise-scale", type=_noise_scale, metavar="SIGMA|learned",
+        help="standard deviation of the Gaussian likelihood, in the target's units, or "
+             f"'learned' to fit it as a point estimate (default: {d.noise_scale})")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="hide progress bars")
 
@@ -153,6 +181,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _print_table(models: dict) -> None:
     from pipelines.report import markdown_table
 
+    if any("rmse" in row for row in models.values()):
+        from pipelines.regression import markdown_table
     print(markdown_table(models))
 
 

@@ -17,9 +17,12 @@ DEVICES = ("auto", "cpu", "cuda")
 ELBOS = ("trace", "meanfield")
 SCHEMES = ("joint", "two-stage")
 LIKELIHOOD_NAMES = ("categorical", "gaussian")
+# Datasets of the regression pipeline (pipelines/regression.py), used with --likelihood gaussian.
+REGRESSION_DATASET_NAMES = ("tabular",)
 
 # Epochs when --epochs is not given: enough for the default recipe to converge on each preset.
-DEFAULT_EPOCHS = {"digits": 30, "cifar10": 15, "cifar100": 15, "image-folder": 15, "brain-mri": 15}
+DEFAULT_EPOCHS = {"digits": 30, "cifar10": 15, "cifar100": 15, "image-folder": 15, "brain-mri": 15,
+                  "tabular": 50}
 
 
 class ConfigError(ValueError):
@@ -42,6 +45,7 @@ class RunConfig:
     lr: float = 0.003
     weight_decay: float = 0.05
     num_samples: int = 20
+    local_reparameterization: bool = False
     subset: int | None = None
     val_fraction: float = 0.1
     image_size: int | None = None
@@ -67,6 +71,10 @@ class RunConfig:
     kl_warmup_epochs: int = 0
     scheme: str = "joint"
     head_epochs: int = 30
+    # Likelihood of the head: categorical (classification) or gaussian (regression). The
+    # Gaussian noise scale is a positive number, fixed, or "learned" as a point estimate.
+    likelihood: str = "categorical"
+    noise_scale: float | str = "learned"
     progress: bool = True
 
     def resolved_epochs(self) -> int:
@@ -82,11 +90,16 @@ class RunConfig:
             return {"pi": self.prior_pi, "sigma1": self.prior_sigma1, "sigma2": self.prior_sigma2}
         return {"hyperprior": self.hyperprior, "scale": self.prior_scale}
 
+    def fixed_noise_scale(self) -> float | None:
+        """Return the Gaussian noise scale as a number, or ``None`` when it is learned."""
+        return None if self.noise_scale == "learned" else float(self.noise_scale)
+
     def validate(self) -> RunConfig:
         """Raise :class:`ConfigError` for the first invalid option; return ``self``."""
         choices = {
-            "dataset": DATASET_NAMES, "device": DEVICES, "prior": PRIOR_NAMES, "guide": GUIDE_NAMES,
-            "elbo": ELBOS, "scheme": SCHEMES, "hyperprior": HYPERPRIOR_NAMES,
+            "dataset": DATASET_NAMES + REGRESSION_DATASET_NAMES, "device": DEVICES, "prior": PRIOR_NAMES,
+            "guide": GUIDE_NAMES, "elbo": ELBOS, "scheme": SCHEMES, "hyperprior": HYPERPRIOR_NAMES,
+            "likelihood": LIKELIHOOD_NAMES,
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -112,7 +125,28 @@ class RunConfig:
             raise ConfigError(f"invalid --prior-pi {self.prior_pi}; expected a number in (0, 1)")
         if not self.widths or any(int(w) < 1 for w in self.widths):
             raise ConfigError(f"invalid --widths {self.widths}; expected positive integers")
+        self._validate_likelihood()
         return self
+
+    def _validate_likelihood(self) -> None:
+        noise = self.noise_scale
+        if noise != "learned":
+            if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 < noise < float("inf"):
+                raise ConfigError(f"invalid --noise-scale {noise!r}; expected a positive number or 'learned'")
+        regression_data = self.dataset in REGRESSION_DATASET_NAMES
+        if self.likelihood == "gaussian" and not regression_data:
+            raise ConfigError(
+                f"--likelihood gaussian needs a regression dataset ({', '.join(REGRESSION_DATASET_NAMES)}), "
+                f"got --dataset {self.dataset}; use --dataset tabular --data-dir FILE.csv"
+            )
+        if regression_data and self.likelihood != "gaussian":
+            raise ConfigError(f"--dataset {self.dataset} has real-valued targets; add --likelihood gaussian")
+        if self.prior == "laplace" and self.guide == "laplace" and self.likelihood == "categorical":
+            raise ConfigError(
+                "--guide laplace cannot follow --prior laplace with a categorical likelihood: the "
+                "laplace prior has no curvature along the softmax's shift direction, so the Hessian "
+                "at the MAP is singular; choose another prior or guide"
+            )
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -367,7 +367,7 @@ class BatchIterator:
 
     The images are moved to ``device`` once; each batch is converted, augmented and
     normalised there. Shuffling and augmentation draw from ``generator`` (a CPU generator), so
-    a seeded run sees the same batches on any device.
+    a seeded run gets the same batches on any device.
     """
 
     def __init__(
@@ -494,7 +494,7 @@ def load_dataset(
         ``digits`` (scikit-learn's bundled 8x8 digits, no download), ``cifar10``, ``cifar100``,
         ``image-folder`` (``data_dir/{train,test}/<class>/``) or ``brain-mri``.
     data_dir : path
-        Folder that holds the data (for CIFAR: ``cifar-10-batches-py/``,
+        Folder that contains the data (for CIFAR: ``cifar-10-batches-py/``,
         ``cifar-100-python/`` or ``cifar10-jpeg/``).
     subset : int or None
         Use a seeded random subset of at most this many training and test images.

@@ -15,6 +15,10 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file readable by its owner only; give it the usual umask mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
@@ -26,7 +30,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """Save with ``torch.save`` so that ``path`` holds either the old or the new file."""
+    """Save with ``torch.save`` so that ``path`` contains either the old or the new file."""
     _atomic_write(path, lambda stream: torch.save(obj, stream))
 
 

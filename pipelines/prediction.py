@@ -5,6 +5,16 @@ samples are drawn once for the whole dataset through ``pyro.infer.Predictive`` a
 each batch of features in one vectorised pass. Every input therefore sees the same S draws of
 the head, whatever batch it falls in. Probabilities are averaged over samples, not logits, in
 float64 log space: ``log p(y|x) = logsumexp_s log_softmax(logits_s) - log S``.
+
+With ``local_reparameterization=True`` and a mean-field Gaussian guide, the logits are sampled
+directly from their Gaussian marginal given each input's features instead of through sampled
+weights (Kingma, Salimans and Welling 2015, "Variational Dropout and the Local
+Reparameterization Trick"); the per-input predictive distribution is the same, and the draws
+are independent across inputs.
+
+Samples are applied to each batch in chunks of at most ``CHUNK_ELEMENTS`` logits (one sample
+at a time when a batch alone has more), so memory grows with ``batch * chunk * num_classes``
+and not with the number of samples S.
 """
 
 from __future__ import annotations
@@ -12,12 +22,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
 
 import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import Predictive
+from pyro.infer import Predictive, autoguide
 
 
 @dataclass
@@ -126,9 +138,199 @@ def head_logits(head_model, samples: dict[str, torch.Tensor], features: torch.Te
     return predictive(features)["logits"]
 
 
+# Logits per chunk of samples: 2**22 float64 values are 32 MiB per tensor, and the averaging
+# keeps a few such tensors alive at once.
+CHUNK_ELEMENTS = 2**22
+
+LOCAL_REPARAMETERIZATION_GUIDES = (
+    "normal (AutoNormal)",
+    "diagonal (AutoDiagonalNormal)",
+    "meanfield (guides.meanfield.MeanFieldGuide)",
+)
+
+
+@dataclass(frozen=True)
+class GaussianHeadPosterior:
+    """A mean-field Gaussian posterior over the weight and bias of a linear head.
+
+    Attributes
+    ----------
+    weight_loc, weight_scale : Tensor of shape ``(num_classes, in_features)``
+    bias_loc, bias_scale : Tensor of shape ``(num_classes,)``
+    """
+
+    weight_loc: torch.Tensor
+    weight_scale: torch.Tensor
+    bias_loc: torch.Tensor
+    bias_scale: torch.Tensor
+
+    def logit_moments(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Mean and variance of the logits given ``features``, each ``(batch, num_classes)``, float64.
+
+        .. math::
+
+            \mathbb{E}[z_{nk}] = \sum_j \phi_{nj} \mu_{kj} + \mu_{b,k}, \qquad
+            \operatorname{Var}[z_{nk}] = \sum_j \phi_{nj}^2 \sigma_{kj}^2 + \sigma_{b,k}^2
+
+        Logits of different classes depend on different, independent rows of the weight, so
+        given one input they are independent Gaussians.
+        """
+        features = features.double()
+        mean = features @ self.weight_loc.double().T + self.bias_loc.double()
+        variance = features.square() @ self.weight_scale.double().square().T + self.bias_scale.double().square()
+        return mean, variance
+
+
+def _is_real(support) -> bool:
+    while isinstance(support, torch.distributions.constraints.independent):
+        support = support.base_constraint
+    return support is torch.distributions.constraints.real
+
+
+def _site_loc_scale(guide, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Location and scale of one site under a mean-field Gaussian guide, without sampling."""
+    from guides.meanfield import MeanFieldGuide
+
+    if isinstance(guide, autoguide.AutoNormal):
+        return attrgetter(name)(guide.locs), attrgetter(name)(guide.scales)
+    if isinstance(guide, MeanFieldGuide):
+        return guide._params(name, guide.sites[name])
+    # AutoDiagonalNormal keeps one flat vector for all sites; its own unpacking splits it.
+    locs = {site["name"]: value for site, value in guide._unpack_latent(guide.loc)}
+    scales = {site["name"]: value for site, value in guide._unpack_latent(guide.scale)}
+    return locs[name], scales[name]
+
+
+@torch.no_grad()
+def gaussian_head_posterior(head, guide, example_features: torch.Tensor) -> GaussianHeadPosterior:
+    """Read the Gaussian posterior of a :class:`models.BayesianLinearHead` from its guide.
+
+    Parameters
+    ----------
+    head : BayesianLinearHead
+        A head with the ``categorical`` likelihood and a prior whose weight and bias sites are
+        real-valued (every prior but ``hierarchical``, which adds a scale site).
+    guide : AutoNormal, AutoDiagonalNormal or MeanFieldGuide
+        A trained guide over ``head.model``.
+    example_features : Tensor of shape ``(batch, in_features)``
+        Any features the guide accepts; a guide that has never run creates its parameters here.
+
+    Raises
+    ------
+    ValueError
+        For another guide (lowrank, multivariate, laplace, delta or a custom one), another
+        likelihood, or a model whose latent sites are not exactly a real-valued weight and bias.
+    """
+    from guides.meanfield import MeanFieldGuide
+
+    supported = (autoguide.AutoNormal, autoguide.AutoDiagonalNormal, MeanFieldGuide)
+    if not isinstance(guide, supported):
+        raise ValueError(
+            f"local reparameterization needs a mean-field Gaussian guide, got {type(guide).__name__}; "
+            f"supported guides: {', '.join(LOCAL_REPARAMETERIZATION_GUIDES)}. "
+            "Predict with local_reparameterization=False for this guide."
+        )
+    if head.likelihood != "categorical":
+        raise ValueError(
+            f"local reparameterization samples logits, so it needs the categorical likelihood; "
+            f"this head has {head.likelihood!r}"
+        )
+    weight_name, bias_name = f"{head.name}.weight", f"{head.name}.bias"
+    sites = latent_site_shapes(guide, example_features)
+    if set(sites) != {weight_name, bias_name}:
+        raise ValueError(
+            f"local reparameterization needs a guide over exactly the sites {weight_name} and "
+            f"{bias_name}, got {', '.join(sorted(sites))} (the hierarchical prior adds a scale site); "
+            "use another prior or local_reparameterization=False"
+        )
+    model_trace = poutine.trace(poutine.block(head.model, hide_types=["param"])).get_trace(example_features)
+    for name in (weight_name, bias_name):
+        support = model_trace.nodes[name]["fn"].support
+        if not _is_real(support):
+            raise ValueError(
+                f"local reparameterization needs real-valued weight and bias sites, but the prior of "
+                f"{name} has support {support}; use local_reparameterization=False"
+            )
+    weight_loc, weight_scale = _site_loc_scale(guide, weight_name)
+    bias_loc, bias_scale = _site_loc_scale(guide, bias_name)
+    return GaussianHeadPosterior(weight_loc.detach(), weight_scale.detach(), bias_loc.detach(), bias_scale.detach())
+
+
+def local_reparameterization_logits(posterior: GaussianHeadPosterior, features: torch.Tensor,
+                                    num_samples: int) -> torch.Tensor:
+    """Draw logits of shape ``(num_samples, batch, num_classes)``, float64, from their marginal.
+
+    Each input gets its own independent draws, so two inputs never share a weight sample.
+    The draws come from torch's global generator (on the device of ``features``), which
+    :func:`pyro.set_rng_seed` seeds.
+    """
+    mean, variance = posterior.logit_moments(features)
+    noise = torch.randn((num_samples,) + tuple(mean.shape), dtype=mean.dtype, device=mean.device)
+    return mean + variance.sqrt() * noise
+
+
+def _chunk_size(samples_per_chunk: int | None, batch: int, num_classes: int) -> int:
+    if samples_per_chunk is not None:
+        return int(samples_per_chunk)
+    return max(1, CHUNK_ELEMENTS // max(1, batch * num_classes))
+
+
+def _average_samples(draw_logits, num_samples: int, chunk: int, keep_samples: bool):
+    """Average softmax over ``num_samples`` logits drawn chunk by chunk by ``draw_logits(start, stop)``.
+
+    Returns the log predictive ``(batch, num_classes)``, the expected entropy ``(batch,)`` and,
+    when ``keep_samples``, the per-sample probabilities ``(num_samples, batch, num_classes)``.
+    """
+    log_total, entropy_total, probability_chunks = None, None, []
+    for start in range(0, num_samples, chunk):
+        per_sample = torch.log_softmax(draw_logits(start, min(start + chunk, num_samples)).double(), dim=-1)
+        chunk_total = torch.logsumexp(per_sample, dim=0)
+        chunk_entropy = _entropy(per_sample).sum(0)
+        if log_total is None:
+            log_total, entropy_total = chunk_total, chunk_entropy
+        else:
+            log_total = torch.logaddexp(log_total, chunk_total)
+            entropy_total = entropy_total + chunk_entropy
+        if keep_samples:
+            probability_chunks.append(per_sample.exp())
+        del per_sample
+    sample_probs = torch.cat(probability_chunks) if keep_samples else None
+    return log_total - math.log(num_samples), entropy_total / num_samples, sample_probs
+
+
+def _applies_linear_directly(head) -> bool:
+    """True when ``head.model`` is :class:`BayesianLinearHead`'s own, whose logits are ``head.linear``."""
+    from models.heads import BayesianLinearHead
+
+    return (
+        isinstance(head, BayesianLinearHead)
+        and head.likelihood == "categorical"
+        and type(head).model is BayesianLinearHead.model
+        and type(head).linear is BayesianLinearHead.linear
+    )
+
+
+def _weight_sample_chunk(head, samples: dict[str, torch.Tensor], features: torch.Tensor,
+                         first: int, stop: int) -> torch.Tensor:
+    # The head's model computes its logits as head.linear(features, weight, bias) whatever the
+    # prior, so calling it directly gives the same numbers as Predictive without the work on the
+    # observed site (normalising and sampling a Categorical of shape (S, batch, num_classes)).
+    if _applies_linear_directly(head):
+        weight = samples[f"{head.name}.weight"][first:stop]
+        bias = samples[f"{head.name}.bias"][first:stop]
+        return head.linear(features, weight, bias)
+    chunk = {name: value[first:stop] for name, value in samples.items()}
+    return head_logits(head.model, chunk, features)
+
+
+def _local_chunk(posterior: GaussianHeadPosterior, features: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+    return local_reparameterization_logits(posterior, features, stop - first)
+
+
 @torch.no_grad()
 def predict_bayesian(hybrid, guide, loader, num_samples: int = 20, seed: int | None = 0,
-                     keep_samples: bool = False) -> Predictions:
+                     keep_samples: bool = False, local_reparameterization: bool = False,
+                     samples_per_chunk: int | None = None) -> Predictions:
     """Monte-Carlo posterior predictive of a :class:`models.HybridClassifier`.
 
     Parameters
@@ -144,21 +346,49 @@ def predict_bayesian(hybrid, guide, loader, num_samples: int = 20, seed: int | N
         Seeds Pyro before sampling, so the same run gives the same numbers.
     keep_samples : bool
         Also return ``sample_probs`` of shape ``(S, N, num_classes)`` (memory grows with S*N).
+    local_reparameterization : bool
+        Sample each input's logits from their Gaussian marginal instead of sampling weights
+        (see :func:`local_reparameterization_logits`). Needs a mean-field Gaussian guide and
+        the categorical likelihood. The predictive distribution per input is the same, but the
+        Monte-Carlo draws are independent across inputs, so a prediction depends on the seed and
+        on the batch it falls in (in its noise only).
+    samples_per_chunk : int or None
+        Samples applied to one batch at once; ``None`` keeps each chunk at about
+        ``CHUNK_ELEMENTS`` logits. With weight sampling the chunks reuse the same draws, so the
+        results change only by float32 rounding of the smaller matrix products.
+
+    Raises
+    ------
+    ValueError
+        For ``num_samples < 1``, ``samples_per_chunk < 1``, or ``local_reparameterization``
+        with a guide or head it does not support.
     """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    if samples_per_chunk is not None and samples_per_chunk < 1:
+        raise ValueError(f"samples_per_chunk must be at least 1 or None, got {samples_per_chunk}")
     start = time.perf_counter()
     if seed is not None:
         pyro.set_rng_seed(seed)
     hybrid.eval()
-    samples = None
+    samples, posterior = None, None
     log_probs, entropies, labels, sample_batches = [], [], [], []
     for images, targets in loader:
         features = hybrid.features(images)
-        if samples is None:
-            samples = sample_posterior(hybrid.head.model, guide, num_samples, features[:1])
-        per_sample = torch.log_softmax(head_logits(hybrid.head.model, samples, features).double(), dim=-1)
-        log_probs.append(torch.logsumexp(per_sample, dim=0) - math.log(num_samples))
-        entropies.append(_entropy(per_sample).mean(0))
+        if local_reparameterization:
+            if posterior is None:
+                posterior = gaussian_head_posterior(hybrid.head, guide, features[:1])
+            draw_logits = partial(_local_chunk, posterior, features)
+        else:
+            if samples is None:
+                samples = sample_posterior(hybrid.head.model, guide, num_samples, features[:1])
+            draw_logits = partial(_weight_sample_chunk, hybrid.head, samples, features)
+
+        chunk = _chunk_size(samples_per_chunk, len(features), hybrid.head.out_features)
+        batch_log_probs, batch_entropy, batch_samples = _average_samples(draw_logits, num_samples, chunk, keep_samples)
+        log_probs.append(batch_log_probs)
+        entropies.append(batch_entropy)
         labels.append(targets)
         if keep_samples:
-            sample_batches.append(per_sample.exp())
+            sample_batches.append(batch_samples)
     return _collect(log_probs, entropies, labels, sample_batches, start)

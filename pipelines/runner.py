@@ -1,7 +1,12 @@
 """The main job as Python functions: build, train, predict, evaluate and report both models.
 
 ``run(config)`` is what ``bayeshead run`` calls and ``evaluate(run_dir)`` what
-``bayeshead evaluate`` calls, so a notebook gets exactly the CLI's behaviour.
+``bayeshead evaluate`` calls, so a notebook gets exactly the CLI's behaviour. From Python,
+``run``, ``train_models``, ``build_hybrid``, ``build_guide``, ``load_run`` and ``evaluate``
+also take a ``prior`` (a :class:`models.Prior` or a function ``shape -> distribution``) and a
+``guide_factory`` (a guide name, or a function ``model -> guide``) in place of the config's.
+With ``likelihood="gaussian"``, ``run`` and ``evaluate`` hand over to
+:mod:`pipelines.regression`.
 """
 
 from __future__ import annotations
@@ -9,27 +14,40 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
+import pyro.poutine as poutine
 import torch
+from pyro.infer.autoguide import AutoLaplaceApproximation
 
-from guides.autoguides import count_latent_params, make_guide
+from guides.autoguides import (
+    check_meanfield_elbo,
+    count_latent_params,
+    laplace_from_state,
+    laplace_posterior,
+    laplace_state,
+    make_guide,
+)
 from models import (
     BayesianLinearHead,
     CNNBackbone,
     DeterministicClassifier,
     HybridClassifier,
+    Prior,
     freeze,
 )
 from pipelines import report as reporting
-from pipelines.config import RunConfig
+from pipelines.config import ConfigError, RunConfig
 from pipelines.data import BatchIterator, DataBundle, load_dataset
 from pipelines.io import atomic_torch_save
 from pipelines.prediction import Predictions, predict_bayesian, predict_deterministic
 from pipelines.training import (
     FeatureLoader,
+    TrainingError,
     TrainResult,
     extract_features,
     seed_everything,
@@ -43,10 +61,16 @@ logger = logging.getLogger(__name__)
 
 PREDICT_BATCH_SIZE = 500
 
+# A guide chosen from Python: a guide name (see guides.GUIDE_NAMES) or a function model -> guide.
+GuideFactory = str | Callable
+
 
 @dataclass
 class TrainedModels:
-    """Both trained models of a run with what is needed to predict with them."""
+    """Both trained models of a run with what is needed to predict with them.
+
+    After a ``laplace`` guide, ``guide`` is its Laplace posterior (an AutoMultivariateNormal).
+    """
 
     deterministic: DeterministicClassifier
     hybrid: HybridClassifier
@@ -58,25 +82,84 @@ def build_backbone(config: RunConfig, in_channels: int) -> CNNBackbone:
     return CNNBackbone(in_channels, config.widths, config.convs_per_block)
 
 
-def build_hybrid(config: RunConfig, in_channels: int, num_classes: int) -> HybridClassifier:
+def build_head(config: RunConfig, in_features: int, out_features: int,
+               prior: Prior | Callable | None = None) -> BayesianLinearHead:
+    """Build the Bayesian head of a run: ``prior`` when given, else the config's prior and parameters."""
+    likelihood = {"likelihood": config.likelihood, "noise_scale": config.fixed_noise_scale()}
+    if prior is None:
+        return BayesianLinearHead(in_features, out_features, config.prior, **likelihood, **config.prior_params())
+    if not isinstance(prior, Prior) and not callable(prior):
+        raise TypeError(f"prior must be a models.Prior or a function shape -> distribution, got {type(prior).__name__}")
+    return BayesianLinearHead(in_features, out_features, prior, **likelihood)
+
+
+def build_hybrid(config: RunConfig, in_channels: int, num_classes: int,
+                 prior: Prior | Callable | None = None) -> HybridClassifier:
+    """Build the CNN backbone with a Bayesian head; ``prior`` replaces the config's prior when given."""
     backbone = build_backbone(config, in_channels)
-    head = BayesianLinearHead(backbone.out_features, num_classes, config.prior, **config.prior_params())
-    return HybridClassifier(backbone, head)
+    return HybridClassifier(backbone, build_head(config, backbone.out_features, num_classes, prior))
 
 
 def build_guide(config: RunConfig, hybrid: HybridClassifier, example_features: torch.Tensor,
-                example_targets: torch.Tensor, init_loc=None):
+                example_targets: torch.Tensor, init_loc=None, guide_factory: GuideFactory | None = None):
     """Make the guide over the head's sites and create its parameters with one call.
 
-    The example targets are observed during that call, so the guide sees ``obs`` as data.
+    The example targets are observed during that call, so ``obs`` enters the guide's trace as data.
+
+    Parameters
+    ----------
+    guide_factory : str, callable or None
+        ``None`` uses ``config.guide``; a guide name replaces it; a function ``model -> guide``
+        builds the guide itself (``init_loc``, ``init_scale`` and ``guide_rank`` are then up to
+        that function).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown guide name, ``multivariate`` or ``laplace`` on a head above
+        ``MAX_MULTIVARIATE_PARAMS`` parameters, or ``--elbo meanfield`` with a guide whose
+        constrained sites would lose their log-Jacobian (see :func:`guides.check_meanfield_elbo`).
     """
-    num_params = count_latent_params(hybrid.head.model, example_features, example_targets)
-    guide = make_guide(
-        hybrid.head.model, config.guide, init_scale=config.init_scale, init_loc=init_loc,
-        rank=config.guide_rank, num_params=num_params,
-    )
+    model = hybrid.head.model
+    if callable(guide_factory):
+        guide = guide_factory(model)
+    else:
+        num_params = count_latent_params(model, example_features, example_targets)
+        try:
+            guide = make_guide(
+                model, guide_factory or config.guide, init_scale=config.init_scale, init_loc=init_loc,
+                rank=config.guide_rank, num_params=num_params,
+            )
+        except ValueError as error:  # an unknown name, or a head too large for a full covariance
+            raise ConfigError(str(error)) from None
     guide(example_features, example_targets)
+    if config.elbo == "meanfield":
+        try:
+            check_meanfield_elbo(guide, example_features, example_targets)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     return guide
+
+
+def fit_laplace(guide, head_model, features: torch.Tensor, targets: torch.Tensor):
+    """After training, replace a Laplace guide's MAP point by its Laplace posterior.
+
+    ``features`` and ``targets`` are the whole training set, so the Hessian weighs each data
+    point once. Any other guide is returned unchanged.
+
+    Raises
+    ------
+    TrainingError
+        When the Hessian at the MAP is not positive definite.
+    """
+    if not isinstance(guide, AutoLaplaceApproximation):
+        return guide
+    logger.info("Laplace approximation: Hessian over %d parameters on %d training points",
+                guide.latent_dim, len(targets))
+    try:
+        return laplace_posterior(guide, features, targets, len(targets))
+    except ValueError as error:
+        raise TrainingError(f"{error}; the checkpoint keeps the MAP point") from None
 
 
 def make_loaders(config: RunConfig, data: DataBundle, device: torch.device) -> dict[str, BatchIterator]:
@@ -92,23 +175,101 @@ def make_loaders(config: RunConfig, data: DataBundle, device: torch.device) -> d
 
 
 def guide_param_state() -> dict[str, torch.Tensor]:
-    """Constrained values of every param in the store except the backbone's."""
+    """Unconstrained values of every param in the store except the backbone's.
+
+    Unconstrained, so :func:`load_param_values` restores them bit for bit (a positive scale
+    saved as its value would come back through ``softplus`` inverted and rounded).
+    """
     store = pyro.get_param_store()
-    return {name: store[name].detach().cpu().clone() for name in store.keys() if not name.startswith("backbone.")}
+    return {
+        name: value.detach().cpu().clone()
+        for name, value in store.named_parameters()
+        if not name.startswith("backbone.")
+    }
+
+
+def load_param_values(values: dict[str, torch.Tensor], device) -> None:
+    """Copy saved unconstrained param values (from :func:`guide_param_state`) into the store.
+
+    Every param must exist already: run the guide and the model once first. The copy is in
+    place, because a guide that keeps a plain ``nn.Parameter`` (the ``loc`` of the
+    AutoContinuous guides: diagonal, lowrank, multivariate, laplace) keeps using its own tensor
+    and never rereads the store, so replacing the store's entry would leave it untouched.
+
+    Raises
+    ------
+    ValueError
+        For a saved param that this model and guide do not create, or one of another shape.
+    """
+    existing = dict(pyro.get_param_store().named_parameters())
+    for name, value in values.items():
+        if name not in existing:
+            raise ValueError(
+                f"the checkpoint contains param {name!r}, which this model and guide do not create "
+                f"(they create {', '.join(sorted(existing))}); it belongs to another configuration"
+            )
+        if existing[name].shape != value.shape:
+            raise ValueError(
+                f"the checkpoint's param {name!r} has shape {tuple(value.shape)}, but this model "
+                f"needs {tuple(existing[name].shape)}; it belongs to another configuration"
+            )
+        with torch.no_grad():
+            existing[name].copy_(value.to(device))
 
 
 def save_deterministic(path: Path, model: DeterministicClassifier, epoch: int) -> None:
     atomic_torch_save({"model": model.state_dict(), "epoch": epoch}, path)
 
 
-def save_hybrid(path: Path, hybrid: HybridClassifier, epoch: int) -> None:
+def save_hybrid(path: Path, hybrid: HybridClassifier, epoch: int, laplace=None) -> None:
+    """Save the backbone, the head's buffers, the guide's params and any Laplace posterior."""
     state = {"backbone": hybrid.backbone.state_dict(), "head": hybrid.head.state_dict(),
              "params": guide_param_state(), "epoch": epoch}
+    if laplace is not None:
+        state["laplace"] = laplace_state(laplace)
     atomic_torch_save(state, path)
 
 
-def train_models(config: RunConfig, data: DataBundle, loaders, device, out: Path | None = None) -> TrainedModels:
-    """Train the deterministic model, then the hybrid (jointly or in two stages)."""
+def svi_options(config: RunConfig) -> dict:
+    """Keyword arguments of :func:`pipelines.training.train_svi` taken from the config."""
+    return {"elbo": config.elbo, "num_particles": config.num_particles, "kl_weight": config.kl_weight,
+            "kl_warmup_epochs": config.kl_warmup_epochs, "progress": config.progress}
+
+
+def fit_head_two_stage(config: RunConfig, hybrid: HybridClassifier, deterministic: DeterministicClassifier,
+                       plain_loader, *, on_epoch_end=None, guide_factory: GuideFactory | None = None):
+    """Fit the hybrid's head by SVI on the trained CNN's frozen features (the two-stage scheme).
+
+    Copies and freezes the CNN's backbone into ``hybrid``, caches its features of
+    ``plain_loader`` (the training set, unshuffled and unaugmented) and starts the guide at the
+    CNN's last layer. The Laplace step, if any, is left to the caller (:func:`fit_laplace`).
+
+    Returns
+    -------
+    guide, TrainResult, features, labels
+        The trained guide, the head's SVI losses and time, and the cached training features
+        ``(N, in_features)`` with their labels ``(N,)``.
+    """
+    hybrid.backbone.load_state_dict(deterministic.backbone.state_dict())
+    freeze(hybrid.backbone).eval()
+    features, labels = extract_features(hybrid.backbone, plain_loader)
+    init_loc = {"head.weight": deterministic.head.weight.detach(), "head.bias": deterministic.head.bias.detach()}
+    guide = build_guide(config, hybrid, features[:2], labels[:2], init_loc=init_loc, guide_factory=guide_factory)
+    feature_loader = FeatureLoader(features, labels, config.batch_size, torch.Generator().manual_seed(config.seed))
+    result = train_svi(hybrid.head.model, guide, feature_loader, epochs=config.head_epochs, lr=config.lr,
+                       on_epoch_end=on_epoch_end, description="bayesian head", **svi_options(config))
+    return guide, result, features, labels
+
+
+def train_models(config: RunConfig, data: DataBundle, loaders, device, out: Path | None = None, *,
+                 prior: Prior | Callable | None = None,
+                 guide_factory: GuideFactory | None = None) -> TrainedModels:
+    """Train the deterministic model, then the hybrid (jointly or in two stages).
+
+    ``prior`` and ``guide_factory`` replace the config's prior and guide (see
+    :func:`build_head` and :func:`build_guide`). A Laplace guide is turned into its Laplace
+    posterior on the training set after SVI; the time it takes counts as training time.
+    """
     epochs = config.resolved_epochs()
     seed_everything(config.seed)
     deterministic = DeterministicClassifier(build_backbone(config, data.in_channels), data.num_classes).to(device)
@@ -124,9 +285,7 @@ def train_models(config: RunConfig, data: DataBundle, loaders, device, out: Path
     seed_everything(config.seed)
     pyro.clear_param_store()
     loaders["train"].generator.manual_seed(config.seed)
-    hybrid = build_hybrid(config, data.in_channels, data.num_classes).to(device)
-    svi_options = {"elbo": config.elbo, "num_particles": config.num_particles, "kl_weight": config.kl_weight,
-                   "kl_warmup_epochs": config.kl_warmup_epochs, "progress": config.progress}
+    hybrid = build_hybrid(config, data.in_channels, data.num_classes, prior).to(device)
 
     def save_hyb(epoch, loss):
         if out is not None:
@@ -134,33 +293,64 @@ def train_models(config: RunConfig, data: DataBundle, loaders, device, out: Path
 
     if config.scheme == "joint":
         images, targets = next(iter(loaders["test"]))
-        guide = build_guide(config, hybrid, hybrid.features(images[:2]), targets[:2])
+        guide = build_guide(config, hybrid, hybrid.features(images[:2]), targets[:2],
+                            guide_factory=guide_factory)
         hyb_result = train_hybrid(hybrid, guide, loaders["train"], epochs=epochs, lr=config.lr,
-                                  weight_decay=config.weight_decay, on_epoch_end=save_hyb, **svi_options)
+                                  weight_decay=config.weight_decay, on_epoch_end=save_hyb, **svi_options(config))
+        features, labels = None, None
     else:
-        hybrid.backbone.load_state_dict(deterministic.backbone.state_dict())
-        freeze(hybrid.backbone).eval()
-        features, labels = extract_features(hybrid.backbone, loaders["train_plain"])
-        init_loc = {"head.weight": deterministic.head.weight.detach(), "head.bias": deterministic.head.bias.detach()}
-        guide = build_guide(config, hybrid, features[:2], labels[:2], init_loc=init_loc)
-        feature_loader = FeatureLoader(features, labels, config.batch_size,
-                                       torch.Generator().manual_seed(config.seed))
-        hyb_result = train_svi(hybrid.head.model, guide, feature_loader, epochs=config.head_epochs,
-                               lr=config.lr, on_epoch_end=save_hyb, description="bayesian head", **svi_options)
+        guide, hyb_result, features, labels = fit_head_two_stage(
+            config, hybrid, deterministic, loaders["train_plain"], on_epoch_end=save_hyb, guide_factory=guide_factory)
         hyb_result.seconds += det_result.seconds  # the head needs the trained backbone first
+
+    if isinstance(guide, AutoLaplaceApproximation):
+        start = time.perf_counter()
+        if features is None:
+            features, labels = extract_features(hybrid.backbone, loaders["train_plain"])
+        guide = fit_laplace(guide, hybrid.head.model, features, labels)
+        hyb_result.seconds += time.perf_counter() - start
+        if out is not None:
+            save_hybrid(out / "bayesian.pt", hybrid, len(hyb_result.losses) - 1, laplace=guide)
     return TrainedModels(deterministic, hybrid, guide, {"deterministic": det_result, "bayesian": hyb_result})
 
 
 def predict_both(config: RunConfig, models: TrainedModels, loader) -> dict[str, Predictions]:
     return {
         "deterministic": predict_deterministic(models.deterministic, loader),
-        "bayesian": predict_bayesian(models.hybrid, models.guide, loader, config.num_samples, seed=config.seed),
+        "bayesian": predict_bayesian(models.hybrid, models.guide, loader, config.num_samples, seed=config.seed,
+                                     local_reparameterization=config.local_reparameterization),
     }
 
 
-def run(config: RunConfig) -> dict:
-    """Train and evaluate both models; write checkpoints, ``report.json`` and ``report.md``."""
+def run(config: RunConfig, *, prior: Prior | Callable | None = None,
+        guide_factory: GuideFactory | None = None) -> dict:
+    """Train and evaluate both models; write checkpoints, ``report.json`` and ``report.md``.
+
+    Parameters
+    ----------
+    config : RunConfig
+        Every option of the run.
+    prior : Prior, callable or None
+        Replaces ``config.prior`` (a :class:`models.Prior`, or a function ``shape ->
+        distribution`` wrapped as :class:`models.CallablePrior`).
+    guide_factory : str, callable or None
+        Replaces ``config.guide``: a guide name, or a function ``model -> guide``.
+
+    Returns
+    -------
+    dict
+        The report also written to ``report.json``. Its ``models["bayesian"]`` entry records
+        the prior's ``describe()``, the guide's class name (``guide_class``) and whether the
+        prior or guide came from Python (``custom_prior``, ``custom_guide``).
+    """
+    if isinstance(guide_factory, str):
+        config = copy_config(config, guide=guide_factory)
+        guide_factory = None
     config.validate()
+    if config.likelihood == "gaussian":
+        from pipelines.regression import run_regression
+
+        return run_regression(config, prior=prior, guide_factory=guide_factory)
     device = select_device(config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,10 +360,11 @@ def run(config: RunConfig) -> dict:
     logger.info("%s: %d train, %d validation, %d test images, %d classes", data.name, len(data.train),
                 len(data.val), len(data.test), data.num_classes)
     loaders = make_loaders(config, data, device)
-    models = train_models(config, data, loaders, device, out)
+    models = train_models(config, data, loaders, device, out, prior=prior, guide_factory=guide_factory)
     predictions = predict_both(config, models, loaders["test"])
     report = reporting.build_report(config, data, device, predictions,
                                     {k: r for k, r in models.results.items()}, models.hybrid, models.guide)
+    record_components(report["models"]["bayesian"], models.guide, prior, guide_factory)
     if data.name == "brain-mri":
         from pipelines.clinical import write_clinical_outputs
 
@@ -182,8 +373,56 @@ def run(config: RunConfig) -> dict:
     return report
 
 
-def load_run(run_dir: Path, config: RunConfig, data: DataBundle, device) -> TrainedModels:
-    """Rebuild both models of a finished run from its checkpoints."""
+def record_components(entry: dict, guide, prior, guide_factory) -> None:
+    """Add the guide's class and where the prior and guide came from to a report entry."""
+    entry["guide_class"] = type(guide).__name__
+    entry["custom_prior"] = prior is not None
+    entry["custom_guide"] = guide_factory is not None
+
+
+def check_components(stored_entry: dict, prior, guide_factory) -> None:
+    """Require the Python prior and guide factory that a run was trained with, to rebuild it."""
+    if stored_entry.get("custom_prior") and prior is None:
+        raise ConfigError(
+            f"this run was trained with a prior passed from Python ({stored_entry.get('prior')}); "
+            "pass the same prior to evaluate(..., prior=...) to rebuild it"
+        )
+    if stored_entry.get("custom_guide") and guide_factory is None:
+        raise ConfigError(
+            f"this run was trained with a guide factory from Python ({stored_entry.get('guide_class')}); "
+            "pass the same guide_factory to evaluate(..., guide_factory=...) to rebuild it"
+        )
+
+
+def restore_guide(config: RunConfig, hybrid: HybridClassifier, state: dict, checkpoint: Path,
+                  example_features: torch.Tensor, example_targets: torch.Tensor,
+                  guide_factory: GuideFactory | None = None):
+    """Rebuild a trained guide from a checkpoint's params (and its Laplace posterior, if any)."""
+    # Autoguides and the head's learned noise scale create their parameters lazily: run the
+    # guide and the model once, then overwrite them.
+    guide = build_guide(config, hybrid, example_features, example_targets, guide_factory=guide_factory)
+    poutine.trace(hybrid.head.model).get_trace(example_features, example_targets)
+    try:
+        load_param_values(state["params"], example_features.device)
+    except ValueError as error:
+        raise ConfigError(f"{checkpoint}: {error}") from None
+    if not isinstance(guide, AutoLaplaceApproximation):
+        return guide
+    if "laplace" not in state:
+        raise TrainingError(
+            f"{checkpoint} contains the Laplace guide's MAP point but no Laplace posterior: the run "
+            "stopped before the Laplace step; run it again"
+        )
+    return laplace_from_state(hybrid.head.model, state["laplace"], example_features, example_targets)
+
+
+def load_run(run_dir: Path, config: RunConfig, data: DataBundle, device, *,
+             prior: Prior | Callable | None = None,
+             guide_factory: GuideFactory | None = None) -> TrainedModels:
+    """Rebuild both models of a finished run from its checkpoints.
+
+    A run trained with a Python ``prior`` or ``guide_factory`` needs the same ones here.
+    """
     for name in ("deterministic.pt", "bayesian.pt"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"missing checkpoint {run_dir / name}; run 'bayeshead run --out {run_dir}' first")
@@ -193,23 +432,24 @@ def load_run(run_dir: Path, config: RunConfig, data: DataBundle, device) -> Trai
 
     pyro.clear_param_store()
     hyb_state = torch.load(run_dir / "bayesian.pt", map_location=device, weights_only=True)
-    hybrid = build_hybrid(config, data.in_channels, data.num_classes).to(device)
+    hybrid = build_hybrid(config, data.in_channels, data.num_classes, prior).to(device)
     hybrid.backbone.load_state_dict(hyb_state["backbone"])
     hybrid.head.load_state_dict(hyb_state["head"])
     hybrid.eval()
     example = hybrid.features(data.test.images[:2].to(device).float())
-    # Autoguides create their parameters lazily: run the guide once, then overwrite them.
-    guide = build_guide(config, hybrid, example, data.test.labels[:2].to(device))
-    store = pyro.get_param_store()
-    for name, value in hyb_state["params"].items():
-        store[name] = value.to(device)
+    guide = restore_guide(config, hybrid, hyb_state, run_dir / "bayesian.pt", example,
+                          data.test.labels[:2].to(device), guide_factory)
     if config.scheme == "two-stage":
         freeze(hybrid.backbone)
     return TrainedModels(deterministic, hybrid, guide, {})
 
 
-def evaluate(run_dir: str | Path, data_dir: str | None = None, device: str | None = None) -> dict:
-    """Reload a run's checkpoints, recompute the test metrics and write ``evaluation.json``."""
+def evaluate(run_dir: str | Path, data_dir: str | None = None, device: str | None = None, *,
+             prior: Prior | Callable | None = None, guide_factory: GuideFactory | None = None) -> dict:
+    """Reload a run's checkpoints, recompute the test metrics and write ``evaluation.json``.
+
+    A run trained with a Python ``prior`` or ``guide_factory`` needs the same ones here.
+    """
     run_dir = Path(run_dir)
     report_path = run_dir / "report.json"
     if not report_path.is_file():
@@ -222,12 +462,17 @@ def evaluate(run_dir: str | Path, data_dir: str | None = None, device: str | Non
         config.device = device
     config.progress = False
     config.validate()
+    check_components(stored["models"]["bayesian"], prior, guide_factory)
     torch_device = select_device(config.device)
+    if config.likelihood == "gaussian":
+        from pipelines.regression import evaluate_regression
+
+        return evaluate_regression(run_dir, stored, config, torch_device, prior=prior, guide_factory=guide_factory)
     data = load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.seed,
                         val_fraction=config.val_fraction, image_size=config.image_size)
     data.mean, data.std = stored["normalization"]["mean"], stored["normalization"]["std"]
     loaders = make_loaders(config, data, torch_device)
-    models = load_run(run_dir, config, data, torch_device)
+    models = load_run(run_dir, config, data, torch_device, prior=prior, guide_factory=guide_factory)
     predictions = predict_both(config, models, loaders["test"])
     evaluation = reporting.metrics_table(predictions)
     reporting.write_evaluation(run_dir, stored, evaluation)

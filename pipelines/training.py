@@ -111,15 +111,18 @@ def run_epochs(
         for index, (images, labels) in enumerate(bar):
             optimizer.zero_grad(set_to_none=True)
             loss = step(images, labels, epoch, index)
-            if not torch.isfinite(loss):
+            # The one host sync of the step: the value is needed before the update, so that a
+            # non-finite loss never reaches the parameters, and it also feeds the running mean.
+            value = loss.item()
+            if not math.isfinite(value):
                 raise TrainingError(
-                    f"{description}: the loss became {loss.item()} at epoch {epoch + 1}, step {index + 1}; "
+                    f"{description}: the loss became {value} at epoch {epoch + 1}, step {index + 1}; "
                     "training stopped and the last checkpoint was kept (try a lower --lr)"
                 )
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item() * len(labels)
+            total += value * len(labels)
             count += len(labels)
             bar.set_postfix(loss=f"{total / count:.4f}")
         mean_loss = total / max(count, 1)
