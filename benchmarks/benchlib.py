@@ -127,7 +127,12 @@ def load_cifar10_split(data_dir: str | Path, split: str, limit: int | None, seed
 
 
 def normalization(images: ImageSet) -> tuple[list[float], list[float]]:
-    return channel_stats(images.images)
+    """Per-channel mean and standard deviation from at most the first 1,000 images.
+
+    ``channel_stats`` converts its input to float64; on 10,000 images that transient (about
+    250 MB) would raise the peak RSS that ``peak_memory.py`` reads before a task even starts.
+    """
+    return channel_stats(images.images[:1000])
 
 
 def prediction_loader(images: ImageSet, stats, device, batch_size: int = PREDICT_BATCH_SIZE) -> BatchIterator:
@@ -167,23 +172,42 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(tasks: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Wall seconds of each task, run ``repeats`` times in turn (A B C A B C ...) after one warm-up.
+def time_interleaved(tasks: dict[str, Callable[[], object]], repeats: int,
+                     device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process CPU seconds of each task, run ``repeats`` times in turn after one warm-up.
 
-    Interleaving spreads slow drifts of the machine (frequency, other load) over all tasks alike.
+    The tasks run as A B C A B C ..., which spreads slow drifts of the machine (frequency,
+    other load) over all tasks alike. Process CPU time (all threads of this process) counts
+    the work done and varies less than wall time when other jobs share the CPUs. Waiting
+    threads may still spin and add to it. On CUDA, CPU time misses the GPU's work, so only
+    wall time is meaningful there.
     """
     for task in tasks.values():
         task()
     synchronize(device)
-    seconds = {name: [] for name in tasks}
+    wall = {name: [] for name in tasks}
+    cpu = {name: [] for name in tasks}
     for _ in range(repeats):
         for name, task in tasks.items():
             synchronize(device)
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
             task()
             synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def print_times(wall: dict[str, list[float]], cpu: dict[str, list[float]], suffix: str = "") -> None:
+    for name in wall:
+        print(f"time {name}{suffix}: wall {format_seconds(wall[name])}; CPU {format_seconds(cpu[name])}")
+
+
+def print_ratios(wall: dict[str, list[float]], cpu: dict[str, list[float]], numerator: str, denominator: str,
+                 label: str, target: float | None = None) -> None:
+    """Print the wall-time ratio of two tasks' medians and, tagged ``[CPU time]``, their CPU-time ratio."""
+    print_ratio(label, median(wall[numerator]) / median(wall[denominator]), target)
+    print_ratio(f"{label} [CPU time]", median(cpu[numerator]) / median(cpu[denominator]), target)
 
 
 def median(values: list[float]) -> float:
@@ -191,7 +215,7 @@ def median(values: list[float]) -> float:
 
 
 def format_seconds(values: list[float]) -> str:
-    return f"median {median(values):.3f} s (runs: {', '.join(f'{v:.3f}' for v in values)})"
+    return f"median {median(values):.3f} s (runs {', '.join(f'{v:.3f}' for v in values)})"
 
 
 def print_ratio(label: str, value: float, target: float | None = None) -> None:

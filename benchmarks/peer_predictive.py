@@ -117,13 +117,11 @@ def torch_fit_loader(args, device):
 
 def compare(args, device, label: str, peer_tasks: dict, loader, hybrid, guide, images: int) -> None:
     tasks = {"ours": lambda: predict_bayesian(hybrid, guide, loader, num_samples=NUM_SAMPLES), **peer_tasks}
-    seconds = benchlib.time_interleaved(tasks, args.repeats, device)
+    wall, cpu = benchlib.time_interleaved(tasks, args.repeats, device)
     print(f"# {label}: {images} CIFAR-10 test images, S={NUM_SAMPLES}, median of {args.repeats} interleaved runs")
-    for name, values in seconds.items():
-        print(f"time {name}: {benchlib.format_seconds(values)}")
-    ours = benchlib.median(seconds["ours"])
+    benchlib.print_times(wall, cpu)
     for name in peer_tasks:
-        benchlib.print_ratio(f"{name} / ours S={NUM_SAMPLES}", benchlib.median(seconds[name]) / ours)
+        benchlib.print_ratios(wall, cpu, name, "ours", f"{name} / ours S={NUM_SAMPLES}")
 
 
 def main(argv=None) -> int:

@@ -56,16 +56,13 @@ def time_against_deterministic(args, device, deterministic, hybrid, guide) -> No
         tasks[f"bayesian S={num_samples} local reparameterization"] = (
             lambda s=num_samples: predict_bayesian(hybrid, guide, loader, num_samples=s,
                                                    local_reparameterization=True))
-    seconds = benchlib.time_interleaved(tasks, args.repeats, device)
-    for name, values in seconds.items():
-        print(f"time {name}: {benchlib.format_seconds(values)}")
-
-    base = benchlib.median(seconds["deterministic"])
-    for name, values in seconds.items():
+    wall, cpu = benchlib.time_interleaved(tasks, args.repeats, device)
+    benchlib.print_times(wall, cpu)
+    for name in tasks:
         if name == "deterministic":
             continue
         num_samples = int(name.split("S=")[1].split()[0])
-        benchlib.print_ratio(f"{name} / deterministic", benchlib.median(values) / base, TARGETS[num_samples])
+        benchlib.print_ratios(wall, cpu, name, "deterministic", f"{name} / deterministic", TARGETS[num_samples])
 
 
 def time_against_naive(args, device, hybrid, guide) -> None:
@@ -81,12 +78,10 @@ def time_against_naive(args, device, hybrid, guide) -> None:
         "naive Predictive parallel=False": lambda: naive_predictive(hybrid, guide, loader, num_samples, False),
         "naive Predictive parallel=True": lambda: naive_predictive(hybrid, guide, loader, num_samples, True),
     }
-    seconds = benchlib.time_interleaved(tasks, args.repeats, device)
-    for name, values in seconds.items():
-        print(f"time {name} S={num_samples}: {benchlib.format_seconds(values)}")
-    ours = benchlib.median(seconds["ours"])
+    wall, cpu = benchlib.time_interleaved(tasks, args.repeats, device)
+    benchlib.print_times(wall, cpu, suffix=f" S={num_samples}")
     for name in ("naive Predictive parallel=False", "naive Predictive parallel=True"):
-        benchlib.print_ratio(f"{name} S={num_samples} / ours S={num_samples}", benchlib.median(seconds[name]) / ours)
+        benchlib.print_ratios(wall, cpu, name, "ours", f"{name} S={num_samples} / ours S={num_samples}")
 
 
 def main(argv=None) -> int:

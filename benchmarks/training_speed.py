@@ -90,17 +90,14 @@ def main(argv=None) -> int:
         "joint SVI epoch, 4 vectorised particles": lambda: train_hybrid(hybrid, guide, loader, num_particles=4,
                                                                          **OPTIONS),
     }
-    seconds = benchlib.time_interleaved(tasks, args.repeats, device)
-    for name, values in seconds.items():
-        print(f"time {name}: {benchlib.format_seconds(values)}")
-
-    base = benchlib.median(seconds["deterministic epoch"])
-    benchlib.print_ratio("joint SVI epoch / deterministic epoch", benchlib.median(seconds["joint SVI epoch"]) / base,
-                         TARGET)
+    wall, cpu = benchlib.time_interleaved(tasks, args.repeats, device)
+    benchlib.print_times(wall, cpu)
+    benchlib.print_ratios(wall, cpu, "joint SVI epoch", "deterministic epoch", "joint SVI epoch / deterministic epoch",
+                          TARGET)
     particles = "joint SVI epoch, 4 vectorised particles"
-    benchlib.print_ratio(f"{particles} / deterministic epoch", benchlib.median(seconds[particles]) / base)
+    benchlib.print_ratios(wall, cpu, particles, "deterministic epoch", f"{particles} / deterministic epoch")
 
-    step = benchlib.median(seconds["joint SVI epoch"]) / len(loader)
+    step = benchlib.median(wall["joint SVI epoch"]) / len(loader)
     images, labels = next(iter(loader))
     elbo_seconds, cross_entropy_seconds = time_head_step(hybrid, guide, hybrid.features(images), labels,
                                                          loader.num_data)

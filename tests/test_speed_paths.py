@@ -306,11 +306,14 @@ def _run_benchmark(script: str, root, *options: str) -> str:
 
 
 def _ratios(output: str) -> dict[str, float]:
+    """Wall-time ratios by label; each must come with its ``[CPU time]`` twin."""
     ratios = {match["label"]: float(match["value"]) for match in RATIO_LINE.finditer(output)}
     for label, value in ratios.items():
         assert math.isfinite(value), label
         assert value > 0, label
-    return ratios
+    wall = {label: value for label, value in ratios.items() if not label.endswith(" [CPU time]")}
+    assert sorted(ratios) == sorted(list(wall) + [f"{label} [CPU time]" for label in wall])
+    return wall
 
 
 def test_prediction_benchmark_quick(cifar_jpeg_root):
