@@ -12,7 +12,7 @@ Every model here has the project's default backbone (3 blocks of 2 convolutions,
   approximation (no sampling). Timed on the whole test set, against ours on the same images.
 
 A peer that is not installed or fails is reported as skipped. Install both with
-``pip install laplace-torch tyxe`` (neither changes the installed torch).
+``pip install -e ".[peers]"`` (laplace-torch and tyxe; neither changes the installed torch).
 
 Usage::
 

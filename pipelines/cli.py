@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 
 from guides.autoguides import GUIDE_NAMES
 from models.priors import HYPERPRIOR_NAMES, PRIOR_NAMES
 from pipelines.config import (
+    DEFAULT_EPOCHS,
     DEVICES,
     ELBOS,
     LIKELIHOOD_NAMES,
+    OPTIMIZER_DEFAULTS,
+    OPTIMIZERS,
     REGRESSION_DATASET_NAMES,
     SCHEMES,
     ConfigError,
@@ -35,7 +37,7 @@ USER_ERRORS = (ConfigError, DataError, TrainingError, FileNotFoundError, NotADir
 COMMAND_MODULES = ("pipelines.diagnostics", "pipelines.clinical")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -76,7 +78,7 @@ def _noise_scale(text: str) -> float | str:
 
 def _widths(text: str) -> tuple[int, ...]:
     try:
-        return tuple(_positive_int(part) for part in text.split(","))
+        return tuple(positive_int(part) for part in text.split(","))
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
 
@@ -90,27 +92,40 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", metavar="DIR",
         help="folder holding the data (default: $BAYESHEAD_DATA, else ./data)")
     add("--out", metavar="DIR", help=f"output folder for checkpoints and reports (default: {d.out})")
-    add("--epochs", type=_positive_int, metavar="N",
-        help="training epochs for both models (default: 30 for digits, 15 for the others)")
-    add("--batch-size", type=_positive_int, metavar="B", help=f"images per training step (default: {d.batch_size})")
-    add("--lr", type=_positive_float, help=f"peak learning rate of the one-cycle AdamW schedule (default: {d.lr})")
-    add("--weight-decay", type=float, help=f"AdamW weight decay on backbone kernels (default: {d.weight_decay})")
-    add("--num-samples", type=_positive_int, metavar="S",
+    add("--epochs", type=positive_int, metavar="N",
+        help="training epochs for both models (default: "
+             + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items()) + ")")
+    add("--batch-size", type=positive_int, metavar="B", help=f"images per training step (default: {d.batch_size})")
+    add("--optimizer", choices=OPTIMIZERS,
+        help="optimizer of the backbone for both models: sgd (Nesterov momentum 0.9) or adamw "
+             "(default: adamw for digits and tabular, sgd for image sets)")
+    add("--lr", type=_positive_float,
+        help="peak learning rate of the backbone's one-cycle schedule (default: "
+             + ", ".join(f"{k} {v['lr']}" for k, v in OPTIMIZER_DEFAULTS.items()) + ")")
+    add("--weight-decay", type=float,
+        help="weight decay on backbone kernels (default: "
+             + ", ".join(f"{k} {v['weight_decay']}" for k, v in OPTIMIZER_DEFAULTS.items()) + ")")
+    add("--guide-lr", type=_positive_float,
+        help=f"peak Adam learning rate of the Bayesian head's variational parameters (default: {d.guide_lr})")
+    add("--num-samples", type=positive_int, metavar="S",
         help=f"posterior samples of the head per prediction (default: {d.num_samples})")
     add("--local-reparameterization", action="store_true", default=None,
         help="predict by sampling each image's logits from their Gaussian marginal instead of sampling "
              "head weights (mean-field guides normal, diagonal and meanfield only)")
-    add("--subset", type=_positive_int, metavar="N",
+    add("--subset", type=positive_int, metavar="N",
         help="use a seeded random subset of at most N training and N test images (default: all)")
     add("--val-fraction", type=float, help=f"share of training images held out for validation (default: {d.val_fraction})")
-    add("--image-size", type=_positive_int, metavar="PIXELS",
-        help="resize image-folder images to this square side in pixels (default: keep; brain-mri: 96)")
+    add("--image-size", type=positive_int, metavar="PIXELS",
+        help="resize image-folder and brain-mri images to this square side in pixels "
+             "(default: keep for image-folder, 96 for brain-mri)")
     add("--device", choices=DEVICES, help=f"where to train and predict (default: {d.device})")
     add("--seed", type=int, help=f"seed for torch, numpy and pyro (default: {d.seed})")
     add("--download", action="store_true", default=None, help="download the official CIFAR archive if missing")
+    add("--drop-leaked", action="store_true", default=None,
+        help="brain-mri: drop the test scans that are byte- or near-identical to a training scan")
     add("--widths", type=_widths, metavar="W1,W2,...",
         help=f"output channels of each convolutional block (default: {','.join(map(str, d.widths))})")
-    add("--convs-per-block", type=_positive_int, help=f"convolutions per block (default: {d.convs_per_block})")
+    add("--convs-per-block", type=positive_int, help=f"convolutions per block (default: {d.convs_per_block})")
 
     bayes = parser.add_argument_group("Bayesian head")
     add = bayes.add_argument
@@ -122,18 +137,22 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add("--prior-sigma1", type=_positive_float, help=f"wide standard deviation of the scale mixture (default: {d.prior_sigma1})")
     add("--prior-sigma2", type=_positive_float, help=f"narrow standard deviation of the scale mixture (default: {d.prior_sigma2})")
     add("--hyperprior", choices=HYPERPRIOR_NAMES, help=f"hyperprior of the hierarchical prior's scales (default: {d.hyperprior})")
-    add("--guide", choices=GUIDE_NAMES, help=f"variational family over the head (default: {d.guide})")
-    add("--guide-rank", type=_positive_int, help=f"covariance rank of the lowrank guide (default: {d.guide_rank})")
+    add("--guide", choices=GUIDE_NAMES,
+        help="variational family over the head: normal (pyro AutoNormal, one Gaussian per weight), "
+             "diagonal (AutoDiagonalNormal, the same family stored as one vector), meanfield (the "
+             "project's hand-written mean-field Gaussian guide), lowrank, multivariate (full "
+             f"covariance), laplace, delta (a point estimate) (default: {d.guide})")
+    add("--guide-rank", type=positive_int, help=f"covariance rank of the lowrank guide (default: {d.guide_rank})")
     add("--init-scale", type=_positive_float, help=f"initial standard deviation of the guide (default: {d.init_scale})")
-    add("--elbo", choices=ELBOS, help=f"trace (Trace_ELBO) or meanfield (TraceMeanField_ELBO, analytic KL) (default: {d.elbo})")
-    add("--num-particles", type=_positive_int, help=f"ELBO particles per step, vectorised (default: {d.num_particles})")
+    add("--elbo", choices=ELBOS, help=f"trace (Trace_ELBO) or meanfield (TraceMeanField_ELBO: the KL term in closed form where the guide and prior allow it) (default: {d.elbo})")
+    add("--num-particles", type=positive_int, help=f"ELBO particles per step, vectorised (default: {d.num_particles})")
     add("--kl-weight", type=float, help=f"weight of the KL term in the ELBO (default: {d.kl_weight})")
     add("--kl-warmup-epochs", type=_non_negative_int,
         help=f"epochs over which the KL weight rises linearly from 0 (default: {d.kl_warmup_epochs})")
     add("--scheme", choices=SCHEMES,
         help="joint: backbone and head trained together by SVI; two-stage: head fitted by SVI on the "
              f"frozen, trained deterministic backbone (default: {d.scheme})")
-    add("--head-epochs", type=_positive_int, help=f"SVI epochs of the head in the two-stage scheme (default: {d.head_epochs})")
+    add("--head-epochs", type=positive_int, help=f"SVI epochs of the head in the two-stage scheme (default: {d.head_epochs})")
     add("--likelihood", choices=LIKELIHOOD_NAMES,
         help="categorical for classification, gaussian for regression on --dataset tabular "
              f"(default: {d.likelihood})")
@@ -204,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluate(args.run_dir, data_dir=args.data_dir, device=args.device)
             _print_table(result["recomputed"])
-            print(json.dumps({"evaluation": f"{args.run_dir}/evaluation.json"}))
+            print(f"recomputed metrics: {args.run_dir}/evaluation.json")
         else:
             return args.handler(args)
     except USER_ERRORS as error:

@@ -42,6 +42,8 @@ from pipelines.data import (
 from pipelines.io import atomic_save_figure, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
+# Below this many kept validation scans, the referral threshold gets a warning note.
+MIN_KEPT_VALIDATION_SCANS = 30
 
 N_BINS = 15
 REFERRED_FRACTIONS = (0.05, 0.10, 0.20)
@@ -411,6 +413,7 @@ def write_clinical_outputs(out, config, data: DataBundle, models, loaders: dict,
     result["files"]["selective_risk"] = "selective_risk.png"
     _save(plot_selective_risk(curves), out / "selective_risk.png")
 
+    logger.info("clinical outputs: choosing the referral threshold on the validation split")
     result["referral"] = _referral(out, config, models, loaders, predictions, target_accuracy)
     threshold = result["referral"]["threshold"]
 
@@ -455,9 +458,14 @@ def _referral(out: Path, config, models, loaders, predictions, target_accuracy) 
             "val_referred_fraction": main["referred_fraction"],
             "num_val": main["num_scans"],
         })
+        kept = round(main["num_scans"] * (1.0 - main["referred_fraction"]))
         if not main["met_target"]:
             referral["note"] = (f"no threshold reaches accuracy {target_accuracy} on the kept validation "
                                 "scans; the strictest one (the lowest entropy) is used")
+        elif kept < MIN_KEPT_VALIDATION_SCANS:
+            referral["note"] = (f"the threshold keeps only {kept} of {main['num_scans']} validation scans, too few "
+                                "to trust; train longer or use a larger validation split")
+        if "note" in referral:
             logger.warning("clinical outputs: %s", referral["note"])
         referral["deterministic"] = chosen["deterministic"]
     atomic_write_json(out / REFERRAL_FILE, referral)
@@ -477,13 +485,20 @@ def _ood_summary(config, data, models, device, predictions) -> dict:
     if "skipped" in found:
         logger.info("clinical outputs: %s", found["skipped"])
         return found
-    auroc = {}
+    auroc, labelled_as = {}, {}
     for name, prediction in found.pop("predictions").items():
         bayesian = name != "deterministic"
         auroc[name] = ood_auroc(referral_scores(predictions[name], bayesian), referral_scores(prediction, bayesian))
         auroc[name].setdefault("mutual_information", None)
+        predicted = np.bincount(prediction.probs.argmax(axis=1), minlength=len(data.classes))
+        labelled_as[name] = {
+            "predicted_class_counts": {c: int(n) for c, n in zip(data.classes, predicted, strict=True)},
+            "mean_confidence": float(prediction.probs.max(axis=1).mean()),
+            "mean_predictive_entropy": float(prediction.predictive_entropy.mean()),
+            "mean_predictive_entropy_mri": float(predictions[name].predictive_entropy.mean()),
+        }
     return {**found, "negatives": "MRI test scans", "positives": "CIFAR-10 test images, grayscale",
-            "auroc": auroc,
+            "auroc": auroc, "labelled_as": labelled_as,
             "note": "A deterministic model has no posterior samples, so its mutual information is 0 "
                     "and has no AUROC"}
 
@@ -556,7 +571,16 @@ def clinical_markdown(result: dict, classes, info: dict) -> str:
         for model, row in ood["auroc"].items():
             lines.append(f"| {MODEL_TITLES.get(model, model)} | {_number(row['predictive_entropy'])} | "
                          f"{_number(row['mutual_information'])} |")
-        lines += ["", ood["note"] + ".", ""]
+        lines += ["", ood["note"] + ".", "",
+                  "What the models call the photographs, with their mean confidence and mean predictive "
+                  "entropy (on the MRI test scans for comparison):", "",
+                  "| model | " + " | ".join(classes) + " | mean confidence | mean entropy | on MRI |",
+                  "|---|" + "---|" * (len(classes) + 3)]
+        for model, row in ood["labelled_as"].items():
+            counts = " | ".join(str(row["predicted_class_counts"][name]) for name in classes)
+            lines.append(f"| {MODEL_TITLES.get(model, model)} | {counts} | {row['mean_confidence']:.3f} | "
+                         f"{row['mean_predictive_entropy']:.3f} | {row['mean_predictive_entropy_mri']:.3f} |")
+        lines.append("")
 
     leakage = result.get("leakage")
     if leakage:
@@ -723,8 +747,9 @@ def _predict_command(args) -> int:
     elif results:
         print(format_predictions(results, predictor.classes))
         referral = predictor.referral
-        print(f"refer when predictive entropy > {referral['threshold']:.4f} nats (chosen on validation "
-              f"for accuracy {referral['target_accuracy']} on the kept scans"
+        print(f"refer when predictive entropy > {referral['threshold']:.4f} nats (chosen on "
+              f"{referral.get('num_val', 'the')} validation scans for accuracy {referral['target_accuracy']} "
+              f"on the kept scans, referring {referral.get('val_referred_fraction', float('nan')):.1%} of them"
               + ("" if referral.get("met_target", True) else "; no threshold reached it, so the strictest is used")
               + ")")
     return 1 if errors else 0

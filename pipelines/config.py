@@ -19,10 +19,19 @@ SCHEMES = ("joint", "two-stage")
 LIKELIHOOD_NAMES = ("categorical", "gaussian")
 # Datasets of the regression pipeline (pipelines/regression.py), used with --likelihood gaussian.
 REGRESSION_DATASET_NAMES = ("tabular",)
+# Guides whose posterior over the head is a diagonal Gaussian, the one local reparameterization samples.
+LOCAL_REPARAMETERIZATION_GUIDE_NAMES = ("normal", "diagonal", "meanfield")
 
 # Epochs when --epochs is not given: enough for the default recipe to converge on each preset.
-DEFAULT_EPOCHS = {"digits": 30, "cifar10": 15, "cifar100": 15, "image-folder": 15, "brain-mri": 15,
+DEFAULT_EPOCHS = {"digits": 30, "cifar10": 20, "cifar100": 20, "image-folder": 15, "brain-mri": 20,
                   "tabular": 50}
+# The backbone's optimizer when --optimizer is not given. SGD with Nesterov momentum generalises
+# better on images (on CIFAR-10 the AdamW recipe stopped at 0.837 test accuracy); AdamW is the
+# robust choice for the small bundled and tabular sets.
+OPTIMIZERS = ("sgd", "adamw")
+DEFAULT_OPTIMIZER = {"digits": "adamw", "tabular": "adamw"}
+# Peak learning rate and weight decay (on kernels) of each optimizer's recipe.
+OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4}, "adamw": {"lr": 0.003, "weight_decay": 0.05}}
 
 
 class ConfigError(ValueError):
@@ -42,8 +51,10 @@ class RunConfig:
     out: str = "runs/latest"
     epochs: int | None = None
     batch_size: int = 128
-    lr: float = 0.003
-    weight_decay: float = 0.05
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    guide_lr: float = 0.003
     num_samples: int = 20
     local_reparameterization: bool = False
     subset: int | None = None
@@ -52,6 +63,7 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
     download: bool = False
+    drop_leaked: bool = False
     widths: tuple[int, ...] = (32, 64, 128)
     convs_per_block: int = 2
     # Bayesian head
@@ -80,6 +92,17 @@ class RunConfig:
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else DEFAULT_EPOCHS[self.dataset]
 
+    def resolved_optimizer(self) -> str:
+        return self.optimizer or DEFAULT_OPTIMIZER.get(self.dataset, "sgd")
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else OPTIMIZER_DEFAULTS[self.resolved_optimizer()]["lr"]
+
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return OPTIMIZER_DEFAULTS[self.resolved_optimizer()]["weight_decay"]
+
     def prior_params(self) -> dict:
         """Keyword arguments of :func:`models.priors.make_prior` for the chosen prior."""
         if self.prior in ("normal", "laplace"):
@@ -99,11 +122,12 @@ class RunConfig:
         choices = {
             "dataset": DATASET_NAMES + REGRESSION_DATASET_NAMES, "device": DEVICES, "prior": PRIOR_NAMES,
             "guide": GUIDE_NAMES, "elbo": ELBOS, "scheme": SCHEMES, "hyperprior": HYPERPRIOR_NAMES,
-            "likelihood": LIKELIHOOD_NAMES,
+            "likelihood": LIKELIHOOD_NAMES, "optimizer": (None,) + OPTIMIZERS,
         }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
-                raise ConfigError(f"invalid {_flag(name)} {getattr(self, name)!r}; valid values: {', '.join(valid)}")
+                names = ", ".join(v for v in valid if v is not None)
+                raise ConfigError(f"invalid {_flag(name)} {getattr(self, name)!r}; valid values: {names}")
         positive_ints = ["batch_size", "num_samples", "num_particles", "guide_rank", "convs_per_block", "head_epochs"]
         for name in positive_ints + ["epochs", "subset", "image_size"]:
             value = getattr(self, name)
@@ -111,10 +135,14 @@ class RunConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"invalid {_flag(name)} {value!r}; expected a positive integer")
-        for name in ["lr", "prior_scale", "init_scale", "prior_df", "prior_sigma1", "prior_sigma2"]:
+        for name in ["lr", "guide_lr", "prior_scale", "init_scale", "prior_df", "prior_sigma1", "prior_sigma2"]:
+            if getattr(self, name) is None and name == "lr":
+                continue
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"invalid {_flag(name)} {getattr(self, name)!r}; expected a positive number")
         for name in ["weight_decay", "kl_weight"]:
+            if getattr(self, name) is None and name == "weight_decay":
+                continue
             if not float(getattr(self, name)) >= 0:
                 raise ConfigError(f"invalid {_flag(name)} {getattr(self, name)!r}; expected a number >= 0")
         if self.kl_warmup_epochs < 0:
@@ -125,8 +153,28 @@ class RunConfig:
             raise ConfigError(f"invalid --prior-pi {self.prior_pi}; expected a number in (0, 1)")
         if not self.widths or any(int(w) < 1 for w in self.widths):
             raise ConfigError(f"invalid --widths {self.widths}; expected positive integers")
+        if self.drop_leaked and self.dataset != "brain-mri":
+            raise ConfigError(f"--drop-leaked applies to --dataset brain-mri only, got --dataset {self.dataset}")
         self._validate_likelihood()
+        self._validate_local_reparameterization()
         return self
+
+    def _validate_local_reparameterization(self) -> None:
+        """Reject --local-reparameterization settings that prediction would reject after training."""
+        if not self.local_reparameterization:
+            return
+        if self.guide not in LOCAL_REPARAMETERIZATION_GUIDE_NAMES:
+            raise ConfigError(
+                f"--local-reparameterization needs a mean-field Gaussian guide, got --guide {self.guide}; "
+                f"valid values with it: {', '.join(LOCAL_REPARAMETERIZATION_GUIDE_NAMES)}"
+            )
+        if self.likelihood != "categorical":
+            raise ConfigError("--local-reparameterization samples logits, so it needs --likelihood categorical")
+        if self.prior == "hierarchical":
+            raise ConfigError(
+                "--local-reparameterization needs a guide over exactly the head's weight and bias, but "
+                "--prior hierarchical adds a scale site; choose another prior"
+            )
 
     def _validate_likelihood(self) -> None:
         noise = self.noise_scale
@@ -152,6 +200,9 @@ class RunConfig:
         data = dataclasses.asdict(self)
         data["widths"] = list(self.widths)
         data["epochs"] = self.resolved_epochs()
+        data["optimizer"] = self.resolved_optimizer()
+        data["lr"] = self.resolved_lr()
+        data["weight_decay"] = self.resolved_weight_decay()
         return data
 
     @classmethod

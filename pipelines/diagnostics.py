@@ -347,22 +347,14 @@ def _read_report(run_dir: Path) -> dict:
 def _reload_run(run_dir: Path, data_dir: str | None, device: str | None, prior=None,
                 guide_factory=None) -> _LoadedRun:
     """Rebuild a run's data and models as :func:`pipelines.runner.evaluate` does."""
-    from pipelines.config import RunConfig
-    from pipelines.data import load_dataset
-    from pipelines.runner import check_components, load_run
+    from pipelines.runner import check_components, load_config_data, load_run, stored_config
     from pipelines.training import select_device
 
     report = _read_report(run_dir)
     for name in ("deterministic.pt", "bayesian.pt"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"missing checkpoint {run_dir / name}; run 'bayeshead run --out {run_dir}' first")
-    config = RunConfig.from_dict(report["config"])
-    if data_dir is not None:
-        config.data_dir = data_dir
-    if device is not None:
-        config.device = device
-    config.progress = False
-    config.validate()
+    config = stored_config(report, data_dir, device)
     if config.likelihood != "categorical":
         raise DiagnosticsError(
             f"{run_dir} is a regression run (--likelihood {config.likelihood}); the diagnostics cover "
@@ -370,8 +362,7 @@ def _reload_run(run_dir: Path, data_dir: str | None, device: str | None, prior=N
         )
     check_components(report["models"]["bayesian"], prior, guide_factory)
     torch_device = select_device(config.device)
-    data = load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.seed,
-                        val_fraction=config.val_fraction, image_size=config.image_size)
+    data = load_config_data(config)
     data.mean, data.std = report["normalization"]["mean"], report["normalization"]["std"]
     models = load_run(run_dir, config, data, torch_device, prior=prior, guide_factory=guide_factory)
     return _LoadedRun(report, data, torch_device, models)
@@ -1183,7 +1174,7 @@ def _combine_command(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     """Add this module's sub-commands to the ``bayeshead`` parser."""
-    from pipelines.cli import _positive_int
+    from pipelines.cli import positive_int
     from pipelines.config import DEVICES
 
     diagnose = subparsers.add_parser(
@@ -1191,13 +1182,13 @@ def add_commands(subparsers) -> None:
         description="Draw the Bayesian head's posterior, write diagnostics.nc (ArviZ InferenceData), "
                     "diagnostics.md (posterior summary, PSIS-LOO with Pareto k) and plots into RUN_DIR.")
     diagnose.add_argument("run_dir", metavar="RUN_DIR", help="output folder of 'bayeshead run'")
-    diagnose.add_argument("--num-draws", type=_positive_int, default=DEFAULT_NUM_DRAWS, metavar="N",
+    diagnose.add_argument("--num-draws", type=positive_int, default=DEFAULT_NUM_DRAWS, metavar="N",
                           help=f"posterior draws of the head (default: {DEFAULT_NUM_DRAWS})")
     diagnose.add_argument("--seed", type=int, help="seed of the draws (default: the run's seed)")
-    diagnose.add_argument("--top-weights", type=_positive_int, default=DEFAULT_TOP_WEIGHTS, metavar="K",
+    diagnose.add_argument("--top-weights", type=positive_int, default=DEFAULT_TOP_WEIGHTS, metavar="K",
                           help=f"weights per class in the summary and plots, largest |mean| first "
                                f"(default: {DEFAULT_TOP_WEIGHTS})")
-    diagnose.add_argument("--max-rows", type=_positive_int, default=DEFAULT_MAX_ROWS, metavar="N",
+    diagnose.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, metavar="N",
                           help=f"rows of the posterior summary table (default: {DEFAULT_MAX_ROWS})")
     diagnose.add_argument("--data-dir", metavar="DIR", help="data folder, if it moved since the run")
     diagnose.add_argument("--device", choices=DEVICES, help="device to draw on (default: the run's)")
@@ -1211,7 +1202,7 @@ def add_commands(subparsers) -> None:
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of 'bayeshead run'")
     compare.add_argument("--out", default=".", metavar="DIR",
                          help="folder for comparison.md and comparison.csv (default: the current folder)")
-    compare.add_argument("--num-draws", type=_positive_int, default=DEFAULT_NUM_DRAWS, metavar="N",
+    compare.add_argument("--num-draws", type=positive_int, default=DEFAULT_NUM_DRAWS, metavar="N",
                          help=f"posterior draws for runs without diagnostics.nc (default: {DEFAULT_NUM_DRAWS})")
     compare.add_argument("--data-dir", metavar="DIR", help="data folder, if it moved since the runs")
     compare.add_argument("--device", choices=DEVICES, help="device to draw on (default: each run's)")
@@ -1224,8 +1215,8 @@ def add_commands(subparsers) -> None:
     combine.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of 'bayeshead run'")
     combine.add_argument("--out", default=".", metavar="DIR",
                          help="folder for the combined files (default: the current folder)")
-    combine.add_argument("--top-weights", type=_positive_int, default=DEFAULT_TOP_WEIGHTS, metavar="K",
+    combine.add_argument("--top-weights", type=positive_int, default=DEFAULT_TOP_WEIGHTS, metavar="K",
                          help=f"weights per class in the summary and plots (default: {DEFAULT_TOP_WEIGHTS})")
-    combine.add_argument("--max-rows", type=_positive_int, default=DEFAULT_MAX_ROWS, metavar="N",
+    combine.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, metavar="N",
                          help=f"rows of the posterior summary table (default: {DEFAULT_MAX_ROWS})")
     combine.set_defaults(handler=_combine_command)

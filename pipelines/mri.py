@@ -158,7 +158,7 @@ def hash_scan(path: Path) -> tuple[str, str]:
         with Image.open(path) as image:
             perceptual = imagehash.phash(image.convert(IMAGE_MODE))
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"cannot decode image {path}: {error}") from error
+        raise DataError(f"cannot decode image {path} ({error}): remove or replace the file and rerun") from error
     return hashlib.sha256(payload).hexdigest(), str(perceptual)
 
 

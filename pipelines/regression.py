@@ -325,13 +325,13 @@ def build_models(config: RunConfig, data: TabularData, prior: Prior | Callable |
 
 
 def train_mse(model: torch.nn.Module, loader, *, epochs: int, lr: float, weight_decay: float,
-              on_epoch_end=None, progress: bool = True) -> TrainResult:
+              optimizer: str = "adamw", on_epoch_end=None, progress: bool = True) -> TrainResult:
     """Train ``model`` (inputs to one output) with mean squared error; weight matrices are decayed."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
-    optimizer, scheduler = make_optimizer(groups, lr, epochs, len(loader))
+    optimizer, scheduler = make_optimizer(groups, lr, epochs, len(loader), kind=optimizer)
 
     def step(inputs, targets, epoch, index):
         return torch.nn.functional.mse_loss(model(inputs).squeeze(-1), targets)
@@ -361,7 +361,13 @@ class TrainedRegression:
 def train_regression(config: RunConfig, data: TabularData, device, out: Path | None = None, *,
                      prior=None, guide_factory=None) -> TrainedRegression:
     """Train the MSE baseline, then the hybrid (jointly or in two stages), on standardised data."""
-    from pipelines.runner import build_guide, fit_laplace, save_hybrid, svi_options
+    from pipelines.runner import (
+        build_guide,
+        fit_laplace,
+        optimizer_options,
+        save_hybrid,
+        svi_options,
+    )
 
     epochs = config.resolved_epochs()
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
@@ -374,7 +380,8 @@ def train_regression(config: RunConfig, data: TabularData, device, out: Path | N
         if out is not None:
             atomic_torch_save({"model": deterministic.state_dict(), "epoch": epoch}, out / "deterministic.pt")
 
-    det_result = train_mse(deterministic, loader, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
+    det_result = train_mse(deterministic, loader, epochs=epochs, lr=config.resolved_lr(),
+                           weight_decay=config.resolved_weight_decay(), optimizer=config.resolved_optimizer(),
                            on_epoch_end=save_det, progress=config.progress)
     baseline_noise = residual_scale(deterministic, data)
 
@@ -388,8 +395,8 @@ def train_regression(config: RunConfig, data: TabularData, device, out: Path | N
     if config.scheme == "joint":
         guide = build_guide(config, hybrid, hybrid.features(train_x[:2]), train_y[:2], guide_factory=guide_factory)
         loader.generator.manual_seed(config.seed)
-        hyb_result = train_hybrid(hybrid, guide, loader, epochs=epochs, lr=config.lr,
-                                  weight_decay=config.weight_decay, on_epoch_end=save_hyb, **svi_options(config))
+        hyb_result = train_hybrid(hybrid, guide, loader, epochs=epochs, **optimizer_options(config),
+                                  guide_lr=config.guide_lr, on_epoch_end=save_hyb, **svi_options(config))
     else:
         hybrid.backbone.load_state_dict(deterministic.backbone.state_dict())
         freeze(hybrid.backbone).eval()
@@ -397,7 +404,7 @@ def train_regression(config: RunConfig, data: TabularData, device, out: Path | N
         features = hybrid.features(train_x)
         guide = build_guide(config, hybrid, features[:2], train_y[:2], init_loc=init_loc, guide_factory=guide_factory)
         feature_loader = FeatureLoader(features, train_y, config.batch_size, torch.Generator().manual_seed(config.seed))
-        hyb_result = train_svi(hybrid.head.model, guide, feature_loader, epochs=config.head_epochs, lr=config.lr,
+        hyb_result = train_svi(hybrid.head.model, guide, feature_loader, epochs=config.head_epochs, lr=config.guide_lr,
                                on_epoch_end=save_hyb, description="bayesian head", **svi_options(config))
         hyb_result.seconds += det_result.seconds  # the head needs the trained backbone first
 

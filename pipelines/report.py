@@ -82,7 +82,8 @@ def markdown_table(models: dict) -> str:
     for name, row in models.items():
         title = MODEL_TITLES.get(name, name)
         cells = [f"{row[key]:.4f}" for key in METRICS]
-        cells += [f"{row.get('train_seconds', float('nan')):.1f}", f"{row['predict_seconds']:.2f}"]
+        train_seconds = row.get("train_seconds")
+        cells += ["-" if train_seconds is None else f"{train_seconds:.1f}", f"{row['predict_seconds']:.2f}"]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -118,8 +119,11 @@ def write_report(out: Path, report: dict, predictions: dict, classes) -> None:
         f"{sizes['train']} training, {sizes['val']} validation and {sizes['test']} test images, "
         f"{len(classes)} classes; {config['epochs']} epochs, batch size {config['batch_size']}, "
         f"seed {report['seed']}, device {report['device']}, {report['created']}.",
-        f"Bayesian head: prior {report['models']['bayesian']['prior']}, guide {config['guide']}, "
+        f"Bayesian head: prior {report['models']['bayesian']['prior']}, guide {config['guide']} "
+        f"({report['models']['bayesian'].get('guide_class', 'class not recorded')}), "
         f"ELBO {config['elbo']}, scheme {config['scheme']}, {config['num_samples']} posterior samples.",
+        f"Backbone optimizer {config.get('optimizer', 'adamw')} (peak learning rate {config['lr']}, weight decay "
+        f"{config['weight_decay']}); guide optimizer Adam (peak learning rate {config.get('guide_lr', config['lr'])}).",
         "ECE and MCE use 15 equal-width bins on top-label confidence; NLL is in nats.",
         "",
         markdown_table(report["models"]),

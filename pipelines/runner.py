@@ -230,6 +230,12 @@ def save_hybrid(path: Path, hybrid: HybridClassifier, epoch: int, laplace=None) 
     atomic_torch_save(state, path)
 
 
+def optimizer_options(config: RunConfig) -> dict:
+    """Resolve the backbone's optimizer, peak learning rate and weight decay from the config."""
+    return {"optimizer": config.resolved_optimizer(), "lr": config.resolved_lr(),
+            "weight_decay": config.resolved_weight_decay()}
+
+
 def svi_options(config: RunConfig) -> dict:
     """Keyword arguments of :func:`pipelines.training.train_svi` taken from the config."""
     return {"elbo": config.elbo, "num_particles": config.num_particles, "kl_weight": config.kl_weight,
@@ -256,7 +262,7 @@ def fit_head_two_stage(config: RunConfig, hybrid: HybridClassifier, deterministi
     init_loc = {"head.weight": deterministic.head.weight.detach(), "head.bias": deterministic.head.bias.detach()}
     guide = build_guide(config, hybrid, features[:2], labels[:2], init_loc=init_loc, guide_factory=guide_factory)
     feature_loader = FeatureLoader(features, labels, config.batch_size, torch.Generator().manual_seed(config.seed))
-    result = train_svi(hybrid.head.model, guide, feature_loader, epochs=config.head_epochs, lr=config.lr,
+    result = train_svi(hybrid.head.model, guide, feature_loader, epochs=config.head_epochs, lr=config.guide_lr,
                        on_epoch_end=on_epoch_end, description="bayesian head", **svi_options(config))
     return guide, result, features, labels
 
@@ -278,9 +284,8 @@ def train_models(config: RunConfig, data: DataBundle, loaders, device, out: Path
         if out is not None:
             save_deterministic(out / "deterministic.pt", deterministic, epoch)
 
-    det_result = train_deterministic(deterministic, loaders["train"], epochs=epochs, lr=config.lr,
-                                     weight_decay=config.weight_decay, on_epoch_end=save_det,
-                                     progress=config.progress)
+    det_result = train_deterministic(deterministic, loaders["train"], epochs=epochs, **optimizer_options(config),
+                                     on_epoch_end=save_det, progress=config.progress)
 
     seed_everything(config.seed)
     pyro.clear_param_store()
@@ -295,8 +300,8 @@ def train_models(config: RunConfig, data: DataBundle, loaders, device, out: Path
         images, targets = next(iter(loaders["test"]))
         guide = build_guide(config, hybrid, hybrid.features(images[:2]), targets[:2],
                             guide_factory=guide_factory)
-        hyb_result = train_hybrid(hybrid, guide, loaders["train"], epochs=epochs, lr=config.lr,
-                                  weight_decay=config.weight_decay, on_epoch_end=save_hyb, **svi_options(config))
+        hyb_result = train_hybrid(hybrid, guide, loaders["train"], epochs=epochs, **optimizer_options(config),
+                                  guide_lr=config.guide_lr, on_epoch_end=save_hyb, **svi_options(config))
         features, labels = None, None
     else:
         guide, hyb_result, features, labels = fit_head_two_stage(
@@ -315,6 +320,8 @@ def train_models(config: RunConfig, data: DataBundle, loaders, device, out: Path
 
 
 def predict_both(config: RunConfig, models: TrainedModels, loader) -> dict[str, Predictions]:
+    """Predict ``loader``'s images with both models (the Bayesian one with S posterior samples)."""
+    logger.info("predicting %d images with both models (%d posterior samples)", loader.num_data, config.num_samples)
     return {
         "deterministic": predict_deterministic(models.deterministic, loader),
         "bayesian": predict_bayesian(models.hybrid, models.guide, loader, config.num_samples, seed=config.seed,
@@ -354,9 +361,7 @@ def run(config: RunConfig, *, prior: Prior | Callable | None = None,
     device = select_device(config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.seed,
-                        val_fraction=config.val_fraction, image_size=config.image_size,
-                        download=config.download, progress=config.progress)
+    data = load_config_data(config, download=config.download, progress=config.progress)
     logger.info("%s: %d train, %d validation, %d test images, %d classes", data.name, len(data.train),
                 len(data.val), len(data.test), data.num_classes)
     loaders = make_loaders(config, data, device)
@@ -444,6 +449,24 @@ def load_run(run_dir: Path, config: RunConfig, data: DataBundle, device, *,
     return TrainedModels(deterministic, hybrid, guide, {})
 
 
+def load_config_data(config: RunConfig, *, download: bool = False, progress: bool = False) -> DataBundle:
+    """Load the data set a config names, with its subset, split, image size and leakage options."""
+    return load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.seed,
+                        val_fraction=config.val_fraction, image_size=config.image_size, download=download,
+                        drop_leaked=config.drop_leaked, progress=progress)
+
+
+def stored_config(report: dict, data_dir: str | None = None, device: str | None = None) -> RunConfig:
+    """Rebuild and validate a finished run's config from its ``report.json``, with optional new data folder and device."""
+    config = RunConfig.from_dict(report["config"])
+    if data_dir is not None:
+        config.data_dir = data_dir
+    if device is not None:
+        config.device = device
+    config.progress = False
+    return config.validate()
+
+
 def evaluate(run_dir: str | Path, data_dir: str | None = None, device: str | None = None, *,
              prior: Prior | Callable | None = None, guide_factory: GuideFactory | None = None) -> dict:
     """Reload a run's checkpoints, recompute the test metrics and write ``evaluation.json``.
@@ -451,25 +474,20 @@ def evaluate(run_dir: str | Path, data_dir: str | None = None, device: str | Non
     A run trained with a Python ``prior`` or ``guide_factory`` needs the same ones here.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} not found: expected the output folder of 'bayeshead run'")
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         raise FileNotFoundError(f"no report.json in {run_dir}: expected the output folder of 'bayeshead run'")
     stored = json.loads(report_path.read_text())
-    config = RunConfig.from_dict({k: v for k, v in stored["config"].items()})
-    if data_dir is not None:
-        config.data_dir = data_dir
-    if device is not None:
-        config.device = device
-    config.progress = False
-    config.validate()
+    config = stored_config(stored, data_dir, device)
     check_components(stored["models"]["bayesian"], prior, guide_factory)
     torch_device = select_device(config.device)
     if config.likelihood == "gaussian":
         from pipelines.regression import evaluate_regression
 
         return evaluate_regression(run_dir, stored, config, torch_device, prior=prior, guide_factory=guide_factory)
-    data = load_dataset(config.dataset, config.data_dir, subset=config.subset, seed=config.seed,
-                        val_fraction=config.val_fraction, image_size=config.image_size)
+    data = load_config_data(config)
     data.mean, data.std = stored["normalization"]["mean"], stored["normalization"]["std"]
     loaders = make_loaders(config, data, torch_device)
     models = load_run(run_dir, config, data, torch_device, prior=prior, guide_factory=guide_factory)

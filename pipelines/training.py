@@ -1,8 +1,10 @@
 """Training loops: cross-entropy for the deterministic model, SVI on the ELBO for the hybrid.
 
-Both models use the same optimizer class (AdamW), the same one-cycle learning-rate schedule,
-the same epochs and batch size. The hybrid minimises the negative ELBO divided by the
-training-set size, so its gradients have the scale of a mean cross-entropy; this is the loss
+Both models train their backbone with the same optimizer (SGD with Nesterov momentum, or AdamW),
+the same one-cycle learning-rate schedule, the same epochs and batch size. The Bayesian head's
+variational parameters always take Adam, on the same schedule: plain SGD barely moves a
+guide's scale parameters. The hybrid minimises the negative ELBO divided by the training-set
+size, so its gradients have the scale of a mean cross-entropy; this is the loss
 ``pyro.infer.SVI`` would step, written out so both models share one optimizer and schedule.
 """
 
@@ -56,16 +58,48 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(param_groups: list[dict], lr: float, epochs: int, steps_per_epoch: int):
-    """AdamW with a one-cycle schedule (warm-up over the first 25% of steps, then cosine decay).
+OPTIMIZERS = ("sgd", "adamw")
+# The one-cycle schedule starts at the peak rate divided by this (torch's default).
+ONE_CYCLE_DIV_FACTOR = 25.0
 
-    Runs of fewer than 8 steps, too short for the schedule's phases, use the constant rate ``lr``.
+
+class OptimizerChain:
+    """Several optimizers (or schedulers) stepped together, with one optimizer's interface."""
+
+    def __init__(self, members):
+        self.members = list(members)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for member in self.members:
+            member.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for member in self.members:
+            member.step()
+
+
+def make_optimizer(param_groups: list[dict], lr: float, epochs: int, steps_per_epoch: int, kind: str = "adamw"):
+    """An optimizer with a one-cycle schedule (warm-up over the first 25% of steps, then cosine decay).
+
+    ``kind`` is ``"adamw"``, ``"adam"`` (AdamW without weight decay) or ``"sgd"`` (Nesterov
+    momentum 0.9). Runs of fewer than 8 steps are too short for the schedule's phases, so they
+    use a constant rate. The Adam family takes ``lr``, because its steps are bounded by the
+    rate. SGD takes the schedule's starting rate ``lr / 25``: at its peak rate without the
+    warm-up, a 5-step joint run on 540 CIFAR-10 images reached a test NLL of 138.
     """
-    optimizer = torch.optim.AdamW(param_groups, lr=lr)
+    if kind == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True)
+    elif kind in ("adamw", "adam"):
+        # Weight decay is set per group; "adam" names the guide's groups, which carry none.
+        optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0)
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; valid values: {', '.join(OPTIMIZERS)}")
     total_steps = epochs * steps_per_epoch
     if total_steps < 8:
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.25)
+        factor = 1.0 / ONE_CYCLE_DIV_FACTOR if kind == "sgd" else 1.0
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.25,
+                                                    div_factor=ONE_CYCLE_DIV_FACTOR)
     return optimizer, scheduler
 
 
@@ -134,12 +168,12 @@ def run_epochs(
     return result
 
 
-def train_deterministic(model, loader, *, epochs: int, lr: float, weight_decay: float,
+def train_deterministic(model, loader, *, epochs: int, lr: float, weight_decay: float, optimizer: str = "adamw",
                         on_epoch_end=None, progress: bool = True) -> TrainResult:
-    """Train ``model`` (images to logits) with mean cross-entropy."""
+    """Train ``model`` (images to logits) with mean cross-entropy and the ``optimizer`` recipe."""
     model.train()
     groups = _param_groups((p for p in model.parameters() if p.requires_grad), _decayed_ids(model), weight_decay)
-    optimizer, scheduler = make_optimizer(groups, lr, epochs, len(loader))
+    optimizer, scheduler = make_optimizer(groups, lr, epochs, len(loader), kind=optimizer)
 
     def step(images, labels, epoch, index):
         return torch.nn.functional.cross_entropy(model(images), labels)
@@ -206,6 +240,9 @@ def train_svi(
     lr: float,
     decayed: set[int] | None = None,
     weight_decay: float = 0.0,
+    backbone: set[int] | None = None,
+    backbone_lr: float | None = None,
+    backbone_optimizer: str = "adamw",
     elbo: str = "trace",
     num_particles: int = 1,
     kl_weight: float = 1.0,
@@ -216,9 +253,12 @@ def train_svi(
 ) -> TrainResult:
     """Fit ``guide`` (and any params of ``model``) by minimising the negative ELBO per datum.
 
-    ``model`` and ``guide`` take ``(inputs, targets, num_data)``. Parameters whose id is in
-    ``decayed`` (the backbone's kernels) get ``weight_decay``; the guide's do not, because the
-    KL term already regularises them.
+    ``model`` and ``guide`` take ``(inputs, targets, num_data)``. The guide's parameters take
+    Adam with peak rate ``lr`` and no weight decay, because the KL term already regularises
+    them. Parameters whose id is in ``backbone`` (a deterministic backbone registered in the
+    model) take ``backbone_optimizer`` with peak rate ``backbone_lr`` (default ``lr``); of
+    those, the ones in ``decayed`` (its kernels) get ``weight_decay``. Every group follows the
+    same one-cycle schedule.
     """
     objective = make_elbo(elbo, num_particles)
     weight = KLWeight(kl_weight_at(0, len(loader), kl_warmup_epochs, kl_weight))
@@ -227,9 +267,22 @@ def train_svi(
 
     first_images, first_labels = next(iter(loader))
     params = collect_svi_params(objective, weighted_model, weighted_guide, first_images, first_labels, num_data)
-    groups = _param_groups(params, decayed or set(), weight_decay)
-    optimizer, scheduler = make_optimizer(groups, lr, epochs, len(loader))
+    backbone = backbone or set()
     steps_per_epoch = len(loader)
+    optimizers, schedulers = [], []
+    head_params = [p for p in params if id(p) not in backbone]
+    backbone_params = [p for p in params if id(p) in backbone]
+    if head_params:
+        optimizer, scheduler = make_optimizer([{"params": head_params}], lr, epochs, steps_per_epoch, kind="adam")
+        optimizers.append(optimizer)
+        schedulers.append(scheduler)
+    if backbone_params:
+        groups = _param_groups(backbone_params, decayed or set(), weight_decay)
+        optimizer, scheduler = make_optimizer(groups, backbone_lr or lr, epochs, steps_per_epoch,
+                                              kind=backbone_optimizer)
+        optimizers.append(optimizer)
+        schedulers.append(scheduler)
+    optimizer, scheduler = OptimizerChain(optimizers), OptimizerChain(schedulers)
 
     def step(inputs, targets, epoch, index):
         weight.weight = kl_weight_at(epoch * steps_per_epoch + index, steps_per_epoch, kl_warmup_epochs, kl_weight)
@@ -239,15 +292,21 @@ def train_svi(
     return run_epochs(step, loader, optimizer, scheduler, epochs, description, on_epoch_end, progress)
 
 
-def train_hybrid(hybrid, guide, loader, *, epochs: int, lr: float, weight_decay: float, **svi_options) -> TrainResult:
-    """Train backbone and Bayesian head jointly by SVI; a frozen backbone stays in eval mode."""
+def train_hybrid(hybrid, guide, loader, *, epochs: int, lr: float, weight_decay: float, optimizer: str = "adamw",
+                 guide_lr: float | None = None, **svi_options) -> TrainResult:
+    """Train backbone and Bayesian head jointly by SVI; a frozen backbone stays in eval mode.
+
+    The backbone takes ``optimizer`` at peak rate ``lr``, as the deterministic model does; the
+    guide takes Adam at ``guide_lr`` (default ``lr``).
+    """
     frozen = hybrid.backbone_frozen
     hybrid.train()
     if frozen:
         hybrid.backbone.eval()  # keeps batch-norm statistics of a frozen backbone unchanged
-    decayed = _decayed_ids(hybrid.backbone)
-    return train_svi(hybrid.model, guide, loader, epochs=epochs, lr=lr, decayed=decayed,
-                     weight_decay=weight_decay, **svi_options)
+    backbone = {id(p) for p in hybrid.backbone.parameters()}
+    return train_svi(hybrid.model, guide, loader, epochs=epochs, lr=guide_lr or lr, decayed=_decayed_ids(hybrid.backbone),
+                     weight_decay=weight_decay, backbone=backbone, backbone_lr=lr, backbone_optimizer=optimizer,
+                     **svi_options)
 
 
 class FeatureLoader:

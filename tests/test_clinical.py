@@ -222,6 +222,9 @@ def test_run_writes_clinical_report(tiny_run):
         for value in (ood["auroc"]["bayesian"]["predictive_entropy"], ood["auroc"]["bayesian"]["mutual_information"]):
             assert 0.0 <= value <= 1.0
         assert ood["auroc"]["deterministic"]["mutual_information"] is None
+        assert sum(ood["labelled_as"]["bayesian"]["predicted_class_counts"].values()) == 1000
+        assert 0.25 <= ood["labelled_as"]["bayesian"]["mean_confidence"] <= 1.0
+    assert "## Inputs that are not brain MRI" in (run_dir / "clinical.md").read_text()
 
 
 def test_predict_matches_run(tiny_run, capsys):
@@ -246,10 +249,12 @@ def test_predict_corrupt_file_reported(tiny_run, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 truncated")
     good = report["clinical"]["cases_to_review"][0]["scan"]
-    code = main(["predict", str(run_dir), str(broken), good, "--json"])
+    missing = tmp_path / "absent.png"
+    code = main(["predict", str(run_dir), str(broken), str(missing), good, "--json"])
     captured = capsys.readouterr()
     assert code == 1
     assert f"bayeshead: error: cannot decode image {broken}" in captured.err
+    assert f"bayeshead: error: image {missing} not found" in captured.err
     assert [row["scan"] for row in json.loads(captured.out)] == [good]
 
 

@@ -143,3 +143,29 @@ def test_prior_follows_module_device():
     head = BayesianLinearHead(3, 2, "laplace", scale=2.0).to(torch.float64)
     assert head.prior.scale.dtype == torch.float64
     assert math.isclose(float(head.prior.scale), 2.0)
+
+
+def test_sgd_backbone_adam_guide_step():
+    """One step of a run too short for the schedule: Nesterov SGD moves a kernel by
+    (lr / 25) * 1.9 * grad, Adam moves a guide location by guide_lr * sign(grad). The guide's
+    scale is tiny, so the gradient of the sampled ELBO is the same at every draw."""
+    from pipelines.data import BatchIterator, ImageSet
+
+    backbone = CNNBackbone(1, (4,), convs_per_block=1)
+    hybrid = HybridClassifier(backbone, BayesianLinearHead(4, 2))
+    images = ImageSet(torch.randint(0, 255, (16, 1, 8, 8), dtype=torch.uint8), torch.arange(16) % 2)
+    loader = BatchIterator(images, 16, [0.5], [0.25])
+    guide = make_guide(hybrid.head.model, init_scale=1e-7, init_loc={"head.weight": torch.full((2, 4), 0.3)})
+    x, y = next(iter(loader))
+    guide(hybrid.features(x), y)
+    kernel = backbone.blocks[0].weight
+    loc = pyro.get_param_store()["AutoNormal.locs.head.weight"]
+    kernel_before, loc_before = kernel.detach().clone(), loc.detach().clone()
+    loss = Trace_ELBO().differentiable_loss(hybrid.model, guide, x, y, 16) / 16
+    kernel_grad, loc_grad = torch.autograd.grad(loss, [kernel, loc])
+
+    train_hybrid(hybrid, guide, loader, epochs=1, lr=0.5, weight_decay=0.0, optimizer="sgd", guide_lr=0.01,
+                 progress=False)
+
+    torch.testing.assert_close(kernel.detach() - kernel_before, -0.5 / 25 * 1.9 * kernel_grad, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(loc.detach() - loc_before, -0.01 * torch.sign(loc_grad), rtol=1e-3, atol=1e-6)

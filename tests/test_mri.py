@@ -202,3 +202,28 @@ def test_missing_root_explains_layout(tmp_path):
 def test_invalid_image_size_rejected(tmp_path):
     with pytest.raises(DataError, match="image_size must be a positive integer number of pixels, got 0"):
         load_brain_mri(tmp_path, image_size=0)
+
+
+def test_drop_leaked_flag_reaches_loader(tmp_path):
+    from pipelines.cli import build_parser, config_from_args
+    from pipelines.runner import load_config_data
+
+    _write_split(tmp_path, "Training", {"glioma": [1, 2], "notumor": [3, 4]})
+    _write_split(tmp_path, "Testing", {"glioma": [5], "notumor": [9]})
+    shutil.copy(tmp_path / "Training" / "glioma" / "001.png", tmp_path / "Testing" / "glioma" / "copy.png")
+    args = build_parser().parse_args(["run", "--dataset", "brain-mri", "--data-dir", str(tmp_path), "--drop-leaked",
+                                      "--image-size", "16", "--val-fraction", "0"])
+    config = config_from_args(args)
+
+    data = load_config_data(config)
+
+    assert config.drop_leaked is True
+    assert sorted(p.rsplit("/", 1)[-1] for p in data.test.paths) == ["005.png", "009.png"]
+    assert data.info["dropped"] == 1
+
+
+def test_drop_leaked_rejected_elsewhere():
+    from pipelines.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="--drop-leaked applies to --dataset brain-mri only, got --dataset cifar10"):
+        RunConfig(dataset="cifar10", drop_leaked=True).validate()

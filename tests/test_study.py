@@ -83,3 +83,106 @@ def test_study_missing_data_is_error(study, tmp_path, capsys):
                        "--out", str(tmp_path / "out")])
     assert code == 2
     assert "no cifar100 data under" in capsys.readouterr().err
+
+
+# The study's options that the reused run below shares: 400 images, 1 epoch, 20 posterior samples.
+REUSE_OPTIONS = ["--dataset", "digits", "--subset", "400", "--epochs", "1", "--num-samples", "20",
+                 "--head-epochs", "2", "--seeds", "0", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A finished one-epoch ``bayeshead run`` on 400 digits (joint scheme, seed 0)."""
+    import pyro
+
+    from pipelines.config import RunConfig
+    from pipelines.runner import run
+
+    pyro.clear_param_store()
+    out = tmp_path_factory.mktemp("digits-run")
+    report = run(RunConfig(dataset="digits", subset=400, epochs=1, num_samples=20, seed=0, device="cpu",
+                           out=str(out), progress=False))
+    pyro.clear_param_store()
+    return out, report
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("the study trained a model that --reuse-run should have supplied")
+
+
+def test_reuse_run_matches_report(study, digits_run, tmp_path, monkeypatch):
+    run_dir, report = digits_run
+    monkeypatch.setattr(study, "train_deterministic", _no_training)
+    monkeypatch.setattr(study, "train_hybrid", _no_training)
+    out = tmp_path / "study"
+    methods = ["deterministic", "joint", "temperature", "two-stage"]
+    code = study.main([*REUSE_OPTIONS, "--out", str(out), "--reuse-run", str(run_dir), "--methods", *methods])
+    assert code == 0
+
+    rows = {row["method"]: row for row in json.loads((out / "study_digits.json").read_text())["rows"]}
+    for method, model in (("deterministic", "deterministic"), ("joint", "bayesian")):
+        for key in ("accuracy", "ece", "mce", "nll", "brier", "train_seconds"):
+            assert rows[method][key] == report["models"][model][key], (method, key)
+    # Temperature scaling and the two-stage head build on the reused CNN and add their own time.
+    assert rows["temperature"]["train_seconds"] > report["models"]["deterministic"]["train_seconds"]
+    assert rows["two-stage"]["train_seconds"] > report["models"]["deterministic"]["train_seconds"]
+    assert rows["two-stage"]["reused_run"] == str(run_dir)
+
+    seed_folder = out / "digits" / "seed0"
+    assert not (seed_folder / "deterministic.pt").exists()
+    assert not (seed_folder / "deterministic.time.json").exists()
+    assert json.loads((seed_folder / "models.json").read_text())["run"] == str(run_dir.resolve())
+
+
+def test_reuse_run_config_mismatch(study, digits_run, tmp_path, capsys):
+    run_dir, _ = digits_run
+    options = [*REUSE_OPTIONS, "--out", str(tmp_path / "study"), "--reuse-run", str(run_dir)]
+    options[options.index("--epochs") + 1] = "2"
+    assert study.main(options) == 2
+    error = capsys.readouterr().err
+    assert "the run's config differs from the study's on epochs (run: 1, study: 2)" in error
+    assert error.count("\n") == 1
+    assert not (tmp_path / "study").exists()
+
+
+def test_reuse_run_seed_not_studied(study, digits_run, tmp_path, capsys):
+    run_dir, _ = digits_run
+    options = [*REUSE_OPTIONS, "--out", str(tmp_path / "study"), "--reuse-run", str(run_dir)]
+    options[options.index("--seeds") + 1] = "1"
+    assert study.main(options) == 2
+    assert "the run's seed is 0, which is not among --seeds 1" in capsys.readouterr().err
+
+
+def test_reuse_run_into_trained_folder(study, digits_run, tmp_path, capsys):
+    run_dir, _ = digits_run
+    seed_folder = tmp_path / "study" / "digits" / "seed0"
+    seed_folder.mkdir(parents=True)
+    (seed_folder / "deterministic.json").write_text("{}")  # a row left by the study's own training
+    code = study.main([*REUSE_OPTIONS, "--out", str(tmp_path / "study"), "--reuse-run", str(run_dir)])
+    assert code == 2
+    assert "contains results of a CNN from the study's own training" in capsys.readouterr().err
+
+
+def test_reuse_run_without_report(study, tmp_path, capsys):
+    code = study.main([*REUSE_OPTIONS, "--out", str(tmp_path / "study"), "--reuse-run", str(tmp_path)])
+    assert code == 2
+    assert "report.json not found" in capsys.readouterr().err
+
+
+def test_options_fill_config(study, tmp_path):
+    args = study.parse_args(["--quick", "--epochs", "3", "--optimizer", "adamw", "--lr", "0.01", "--guide-lr", "0.02"])
+    config = study.study_config(args, 0, tmp_path)
+    assert config.resolved_epochs() == 3  # --quick keeps an epoch count that was given
+    assert config.resolved_optimizer() == "adamw"
+    assert config.resolved_lr() == 0.01
+    assert config.resolved_weight_decay() == 0.05  # the adamw recipe
+    assert config.guide_lr == 0.02
+    assert config.head_epochs == 3
+    assert config.num_samples == 20
+    assert config.subset == 1000
+
+    defaults = study.study_config(study.parse_args(["--dataset", "cifar10"]), 0, tmp_path)
+    assert defaults.resolved_epochs() == 20  # the epochs of 'bayeshead run' on CIFAR-10
+    assert defaults.resolved_optimizer() == "sgd"
+    assert defaults.head_epochs == 30
+    assert defaults.num_samples == 100
