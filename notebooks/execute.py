@@ -22,7 +22,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-# Maximum seconds one cell may run. The longest full-mode cells train two CNNs.
+# Longest time, in seconds, that one cell may run. The longest full-mode cells train two CNNs.
 DEFAULT_CELL_TIMEOUT_S = 3600
 
 

@@ -458,12 +458,12 @@ def _referral(out: Path, config, models, loaders, predictions, target_accuracy) 
             "val_referred_fraction": main["referred_fraction"],
             "num_val": main["num_scans"],
         })
-        kept = round(main["num_scans"] * (1.0 - main["referred_fraction"]))
+        kept_scans = round(main["num_scans"] * (1.0 - main["referred_fraction"]))
         if not main["met_target"]:
             referral["note"] = (f"no threshold reaches accuracy {target_accuracy} on the kept validation "
                                 "scans; the strictest one (the lowest entropy) is used")
-        elif kept < MIN_KEPT_VALIDATION_SCANS:
-            referral["note"] = (f"the threshold keeps only {kept} of {main['num_scans']} validation scans, too few "
+        elif kept_scans < MIN_KEPT_VALIDATION_SCANS:
+            referral["note"] = (f"the threshold keeps only {kept_scans} of {main['num_scans']} validation scans, too few "
                                 "to trust; train longer or use a larger validation split")
         if "note" in referral:
             logger.warning("clinical outputs: %s", referral["note"])

@@ -1172,6 +1172,15 @@ def _combine_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_summary_options(parser, positive_int) -> None:
+    """Add ``--top-weights`` and ``--max-rows``, the size options of the posterior summary."""
+    parser.add_argument("--top-weights", type=positive_int, default=DEFAULT_TOP_WEIGHTS, metavar="K",
+                        help=f"weights per class in the summary and plots, largest |mean| first "
+                             f"(default: {DEFAULT_TOP_WEIGHTS})")
+    parser.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, metavar="N",
+                        help=f"rows of the posterior summary table (default: {DEFAULT_MAX_ROWS})")
+
+
 def add_commands(subparsers) -> None:
     """Add this module's sub-commands to the ``bayeshead`` parser."""
     from pipelines.cli import positive_int
@@ -1185,11 +1194,7 @@ def add_commands(subparsers) -> None:
     diagnose.add_argument("--num-draws", type=positive_int, default=DEFAULT_NUM_DRAWS, metavar="N",
                           help=f"posterior draws of the head (default: {DEFAULT_NUM_DRAWS})")
     diagnose.add_argument("--seed", type=int, help="seed of the draws (default: the run's seed)")
-    diagnose.add_argument("--top-weights", type=positive_int, default=DEFAULT_TOP_WEIGHTS, metavar="K",
-                          help=f"weights per class in the summary and plots, largest |mean| first "
-                               f"(default: {DEFAULT_TOP_WEIGHTS})")
-    diagnose.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, metavar="N",
-                          help=f"rows of the posterior summary table (default: {DEFAULT_MAX_ROWS})")
+    _add_summary_options(diagnose, positive_int)
     diagnose.add_argument("--data-dir", metavar="DIR", help="data folder, if it moved since the run")
     diagnose.add_argument("--device", choices=DEVICES, help="device to draw on (default: the run's)")
     diagnose.set_defaults(handler=_diagnose_command)
@@ -1215,8 +1220,5 @@ def add_commands(subparsers) -> None:
     combine.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of 'bayeshead run'")
     combine.add_argument("--out", default=".", metavar="DIR",
                          help="folder for the combined files (default: the current folder)")
-    combine.add_argument("--top-weights", type=positive_int, default=DEFAULT_TOP_WEIGHTS, metavar="K",
-                         help=f"weights per class in the summary and plots (default: {DEFAULT_TOP_WEIGHTS})")
-    combine.add_argument("--max-rows", type=positive_int, default=DEFAULT_MAX_ROWS, metavar="N",
-                         help=f"rows of the posterior summary table (default: {DEFAULT_MAX_ROWS})")
+    _add_summary_options(combine, positive_int)
     combine.set_defaults(handler=_combine_command)

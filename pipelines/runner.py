@@ -121,6 +121,8 @@ def build_guide(config: RunConfig, hybrid: HybridClassifier, example_features: t
         constrained sites would lose their log-Jacobian (see :func:`guides.check_meanfield_elbo`).
     """
     model = hybrid.head.model
+    # NOTE: without init_loc the guide starts at the median of prior draws (weights of std about
+    # 0.3 under N(0, 1)), larger than nn.Linear's start; very short SGD runs can overshoot from there.
     if callable(guide_factory):
         guide = guide_factory(model)
     else:

@@ -2,8 +2,8 @@
 
 Both models train their backbone with the same optimizer (SGD with Nesterov momentum, or AdamW),
 the same one-cycle learning-rate schedule, the same epochs and batch size. The Bayesian head's
-variational parameters always take Adam, on the same schedule: plain SGD barely moves a
-guide's scale parameters. The hybrid minimises the negative ELBO divided by the training-set
+variational parameters always take Adam, on the same schedule, because the ELBO's gradients
+with respect to the guide's log-scales are small and SGD's steps shrink with them. The hybrid minimises the negative ELBO divided by the training-set
 size, so its gradients have the scale of a mean cross-entropy; this is the loss
 ``pyro.infer.SVI`` would step, written out so both models share one optimizer and schedule.
 """
@@ -79,7 +79,7 @@ class OptimizerChain:
 
 
 def make_optimizer(param_groups: list[dict], lr: float, epochs: int, steps_per_epoch: int, kind: str = "adamw"):
-    """An optimizer with a one-cycle schedule (warm-up over the first 25% of steps, then cosine decay).
+    """Build an optimizer with a one-cycle schedule (warm-up over the first 25% of steps, then cosine decay).
 
     ``kind`` is ``"adamw"``, ``"adam"`` (AdamW without weight decay) or ``"sgd"`` (Nesterov
     momentum 0.9). Runs of fewer than 8 steps are too short for the schedule's phases, so they
@@ -90,10 +90,10 @@ def make_optimizer(param_groups: list[dict], lr: float, epochs: int, steps_per_e
     if kind == "sgd":
         optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True)
     elif kind in ("adamw", "adam"):
-        # Weight decay is set per group; "adam" names the guide's groups, which carry none.
+        # Weight decay is set per group. The guide's groups ("adam") carry none.
         optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0)
     else:
-        raise ValueError(f"unknown optimizer {kind!r}; valid values: {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"invalid optimizer {kind!r}; valid values: {', '.join(OPTIMIZERS)}")
     total_steps = epochs * steps_per_epoch
     if total_steps < 8:
         factor = 1.0 / ONE_CYCLE_DIV_FACTOR if kind == "sgd" else 1.0
