@@ -69,9 +69,13 @@ from pipelines.runner import (
     build_backbone,
     build_guide,
     build_hybrid,
+    copy_config,
+    fit_head_temperature,
     load_run,
     make_loaders,
     optimizer_options,
+    restore_guide,
+    save_hybrid,
 )
 from pipelines.training import (
     FeatureLoader,
@@ -86,7 +90,8 @@ from pipelines.training import (
 
 logger = logging.getLogger("study")
 
-METHODS = ("deterministic", "temperature", "joint", "two-stage", "two-stage-val", "laplace")
+METHODS = ("deterministic", "temperature", "joint", "joint-tempered", "two-stage", "two-stage-tempered",
+           "two-stage-val", "laplace")
 PRIOR_SCALE_GRID = (0.1, 0.3, 1.0, 3.0)
 
 
@@ -223,7 +228,7 @@ def load_reused_run(args) -> ReusedRun:
         if checkpoint.stat().st_mtime > report_path.stat().st_mtime:
             raise ValueError(f"--reuse-run {folder}: {name} is newer than report.json, so a new run is "
                              "training in this folder; wait for it to finish")
-    config = RunConfig.from_dict(stored)
+    config = RunConfig.from_report(stored)
     config.data_dir, config.device, config.progress = args.data_dir, args.device, args.progress
     return ReusedRun(folder, report, config)
 
@@ -255,6 +260,8 @@ class Study:
         self._check_provenance()
         self.loaders = make_loaders(self.config, self.data, self.device)
         self._deterministic = None
+        self._joint = None
+        self._two_stage = None
 
     def _adopt_run_data(self) -> None:
         """Check that the data are the run's and normalise them with the run's statistics."""
@@ -361,46 +368,92 @@ class Study:
         scaled = Predictions(np.exp(log_probs), log_probs, test.labels, test.expected_entropy, test.seconds)
         return scaled, model.train_seconds + time.perf_counter() - start, {"temperature": temperature}
 
-    def run_joint(self):
+    def joint_hybrid(self):
+        """The jointly trained hybrid and its guide: reused, loaded from ``joint.pt`` or trained.
+
+        Returns ``(hybrid, guide, train_seconds, predict_seed)``; the hybrid is in eval mode.
+        """
+        if self._joint is not None:
+            return self._joint
         if self.reused is not None:
-            return self._reused_joint()
+            run = self.reused
+            models = load_run(run.folder, run.config, self.data, self.device)
+            self._joint = (models.hybrid, models.guide, run.train_seconds("bayesian"), run.seed)
+            return self._joint
         pyro.clear_param_store()
         seed_everything(self.seed)
         self.loaders["train"].generator.manual_seed(self.seed)
         hybrid = build_hybrid(self.config, self.data.in_channels, self.data.num_classes).to(self.device)
         images, targets = next(iter(self.loaders["test"]))
-        guide = build_guide(self.config, hybrid, hybrid.features(images[:2]), targets[:2])
-        result = train_hybrid(hybrid, guide, self.loaders["train"], epochs=self.config.resolved_epochs(),
-                              **optimizer_options(self.config), guide_lr=self.config.guide_lr,
-                              progress=self.args.progress)
-        predictions = predict_bayesian(hybrid, guide, self.loaders["test"], self.config.num_samples, seed=self.seed)
-        return predictions, result.seconds, {}
+        path = self.folder / "joint.pt"
+        if path.is_file():
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            hybrid.backbone.load_state_dict(state["backbone"])
+            hybrid.head.load_state_dict(state["head"])
+            hybrid.eval()
+            guide = restore_guide(self.config, hybrid, state, path, hybrid.features(images[:2]), targets[:2])
+            seconds = json.loads((self.folder / "joint.time.json").read_text())["train_seconds"]
+        else:
+            guide = build_guide(self.config, hybrid, hybrid.features(images[:2]), targets[:2])
+            result = train_hybrid(hybrid, guide, self.loaders["train"], epochs=self.config.resolved_epochs(),
+                                  **optimizer_options(self.config), guide_lr=self.config.guide_lr,
+                                  progress=self.args.progress)
+            save_hybrid(path, hybrid, len(result.losses) - 1)
+            seconds = result.seconds
+            atomic_write_json(self.folder / "joint.time.json", {"train_seconds": seconds})
+        hybrid.eval()
+        self._joint = (hybrid, guide, seconds, self.seed)
+        return self._joint
 
-    def _reused_joint(self):
-        """Predict with the run's hybrid, with Pyro seeded by the run's seed as the run was.
-
-        The draws, and so the metrics, equal the run's report when ``--num-samples`` equals the
-        run's ``num_samples``, the run predicted without local reparameterization and both
-        predict on the same kind of device (CPU or CUDA).
-        """
+    def run_joint(self):
         run = self.reused
-        if self.config.num_samples != run.config.num_samples or run.config.local_reparameterization:
+        if run is not None and (self.config.num_samples != run.config.num_samples
+                                or run.config.local_reparameterization):
+            # The draws, and so the metrics, equal the run's report when --num-samples equals the
+            # run's num_samples, the run predicted without local reparameterization and both
+            # predict on the same kind of device (CPU or CUDA).
             logger.warning("seed %d: the joint row draws %d weight samples, but the run drew %d%s, so its metrics "
                            "differ from the run's report by Monte-Carlo noise", self.seed, self.config.num_samples,
                            run.config.num_samples,
                            " with local reparameterization" if run.config.local_reparameterization else "")
-        models = load_run(run.folder, run.config, self.data, self.device)
-        predictions = predict_bayesian(models.hybrid, models.guide, self.loaders["test"], self.config.num_samples,
-                                       seed=run.seed)
-        return predictions, run.train_seconds("bayesian"), {}
+        hybrid, guide, seconds, predict_seed = self.joint_hybrid()
+        predictions = predict_bayesian(hybrid, guide, self.loaders["test"], self.config.num_samples,
+                                       seed=predict_seed, temperature=1.0)
+        return predictions, seconds, {}
+
+    def _tempered(self, method: str, hybrid, guide, seconds: float, predict_seed: int):
+        """Fit the head's temperature on the validation split as ``bayeshead run`` does, then predict."""
+        self._require_validation(method)
+        start = time.perf_counter()
+        config = copy_config(self.config, seed=predict_seed)
+        temperature = fit_head_temperature(config, hybrid, guide, self.loaders["val"])
+        seconds += time.perf_counter() - start
+        predictions = predict_bayesian(hybrid, guide, self.loaders["test"], self.config.num_samples,
+                                       seed=predict_seed, temperature=temperature)
+        return predictions, seconds, {"temperature": temperature}
+
+    def run_joint_tempered(self):
+        return self._tempered("joint-tempered", *self.joint_hybrid())
+
+    def two_stage_hybrid(self):
+        """The head fitted by SVI on the frozen CNN's training features, with its guide (cached)."""
+        if self._two_stage is None:
+            pyro.clear_param_store()
+            seed_everything(self.seed)
+            hybrid = self.frozen_hybrid(self.config.prior_scale)
+            guide, seconds, evidence = self.fit_head(hybrid, "train_plain")
+            self._two_stage = (hybrid, guide, self.deterministic().train_seconds + seconds, evidence)
+        return self._two_stage
 
     def run_two_stage(self):
-        pyro.clear_param_store()
-        seed_everything(self.seed)
-        hybrid = self.frozen_hybrid(self.config.prior_scale)
-        guide, seconds, evidence = self.fit_head(hybrid, "train_plain")
-        predictions = predict_bayesian(hybrid, guide, self.loaders["test"], self.config.num_samples, seed=self.seed)
-        return predictions, self.deterministic().train_seconds + seconds, {"elbo": evidence}
+        hybrid, guide, seconds, evidence = self.two_stage_hybrid()
+        predictions = predict_bayesian(hybrid, guide, self.loaders["test"], self.config.num_samples, seed=self.seed,
+                                       temperature=1.0)
+        return predictions, seconds, {"elbo": evidence}
+
+    def run_two_stage_tempered(self):
+        hybrid, guide, seconds, _ = self.two_stage_hybrid()
+        return self._tempered("two-stage-tempered", hybrid, guide, seconds, self.seed)
 
     def run_two_stage_val(self):
         # NOTE: on a few hundred validation images each head gets a few SVI steps per epoch and the
@@ -554,7 +607,9 @@ def main(argv=None) -> int:
         reused = load_reused_run(args) if args.reuse_run else None
         for seed in args.seeds:
             study = Study(args, seed, reused)
-            for method in args.methods:
+            # In METHODS order, so each cached model (the joint hybrid, the two-stage head) serves
+            # its rows before another method clears Pyro's param store.
+            for method in sorted(set(args.methods), key=METHODS.index):
                 rows.append(study.run(method))
     except (ValueError, FileNotFoundError) as error:
         print(f"study: error: {error}", file=sys.stderr)

@@ -39,6 +39,9 @@ class HybridClassifier(nn.Module):
             )
         self.backbone = backbone
         self.head = head
+        # Divides every posterior draw's logits at prediction time; 1 until a temperature is
+        # fitted on held-out data (pipelines.runner.fit_head_temperature). Never used in training.
+        self.temperature = 1.0
 
     @property
     def backbone_frozen(self) -> bool:

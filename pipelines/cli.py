@@ -19,6 +19,7 @@ from pipelines.config import (
     OPTIMIZERS,
     REGRESSION_DATASET_NAMES,
     SCHEMES,
+    TEMPERATURES,
     ConfigError,
     RunConfig,
     load_toml,
@@ -152,6 +153,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add("--scheme", choices=SCHEMES,
         help="joint: backbone and head trained together by SVI; two-stage: head fitted by SVI on the "
              f"frozen, trained deterministic backbone (default: {d.scheme})")
+    add("--temperature", choices=TEMPERATURES,
+        help="validation: divide the Bayesian head's logits by one temperature fitted on the validation "
+             "split after training, so its predictive is calibrated on held-out images; none: predict with "
+             f"the head as trained (default: {d.temperature})")
     add("--head-epochs", type=positive_int, help=f"SVI epochs of the head in the two-stage scheme (default: {d.head_epochs})")
     add("--likelihood", choices=LIKELIHOOD_NAMES,
         help="categorical for classification, gaussian for regression on --dataset tabular "

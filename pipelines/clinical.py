@@ -663,7 +663,7 @@ def load_predictor(run_dir, device: str | None = None) -> Predictor:
         raise DataError(f"{run_dir / REFERRAL_FILE} has no threshold ({referral.get('note', 'none stored')}); "
                         "rerun with a validation split (--val-fraction above 0)")
 
-    config = RunConfig.from_dict(stored["config"])
+    config = RunConfig.from_report(stored["config"])
     config.progress = False
     torch_device = select_device(device or config.device)
     mean, std = stored["normalization"]["mean"], stored["normalization"]["std"]

@@ -8,7 +8,8 @@ A trained run becomes an :class:`arviz.InferenceData` with these groups:
 - ``posterior_predictive``: one sampled label ``obs`` per draw and test input,
   ``(chain, draw, obs_id)``;
 - ``log_likelihood``: ``obs``, the pointwise ``log p(y_i | x_i, theta_s)`` on the test set,
-  ``(chain, draw, obs_id)``;
+  ``(chain, draw, obs_id)``, with each draw's logits divided by the run's fitted temperature
+  (attribute ``temperature``), so the test lppd matches the run's NLL;
 - ``observed_data``: the test labels ``obs``, ``(obs_id,)``;
 - ``sample_stats``: ``train_loss``, the run's mean training loss per epoch (the negative ELBO
   per training example), ``(chain, epoch)``.
@@ -242,8 +243,11 @@ def _train_loss_dataset(matrix: np.ndarray):
 
 @torch.no_grad()
 def _pointwise_log_likelihood(head, samples: dict[str, torch.Tensor], features: torch.Tensor,
-                              labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``log p(y_i | theta_s)`` in float64 and one sampled label per draw, both ``(S, N)``."""
+                              labels: torch.Tensor, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``log p(y_i | theta_s)`` in float64 and one sampled label per draw, both ``(S, N)``.
+
+    Each draw's logits are divided by ``temperature`` first, as in prediction.
+    """
     from pipelines.prediction import head_logits
 
     num_draws = next(iter(samples.values())).shape[0]
@@ -254,6 +258,7 @@ def _pointwise_log_likelihood(head, samples: dict[str, torch.Tensor], features: 
         batch_features = features[start : start + batch_size]
         batch_labels = labels[start : start + batch_size]
         logits = head_logits(head.model, samples, batch_features).reshape(num_draws, len(batch_labels), num_classes)
+        logits = logits / temperature
         log_probs = torch.log_softmax(logits.double(), dim=-1)
         index = batch_labels.view(1, -1, 1).expand(num_draws, -1, 1)
         log_likelihood.append(log_probs.gather(-1, index).squeeze(-1).cpu())
@@ -263,7 +268,8 @@ def _pointwise_log_likelihood(head, samples: dict[str, torch.Tensor], features: 
 
 def head_inference_data(head, guide, features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], *,
                         num_draws: int = DEFAULT_NUM_DRAWS, seed: int | None = 0,
-                        train_losses: Sequence[float] | None = None, attrs: Mapping | None = None):
+                        train_losses: Sequence[float] | None = None, attrs: Mapping | None = None,
+                        temperature: float = 1.0):
     """Draw the head's posterior from ``guide`` and build one-chain InferenceData on a dataset.
 
     Parameters
@@ -287,6 +293,9 @@ def head_inference_data(head, guide, features: torch.Tensor, labels: torch.Tenso
         Mean training loss per epoch, stored as ``sample_stats.train_loss``.
     attrs : dict or None
         Attributes of the InferenceData.
+    temperature : float
+        Divides every draw's logits in the log-likelihood and the posterior predictive (a run's
+        fitted ``hybrid.temperature``); 1 leaves the head as trained.
 
     Returns
     -------
@@ -306,7 +315,8 @@ def head_inference_data(head, guide, features: torch.Tensor, labels: torch.Tenso
     if seed is not None:
         pyro.set_rng_seed(seed)
     samples = sample_posterior(head.model, guide, num_draws, features[:1])
-    log_likelihood, predictive = _pointwise_log_likelihood(head, samples, features, labels.to(features.device))
+    log_likelihood, predictive = _pointwise_log_likelihood(head, samples, features, labels.to(features.device),
+                                                           float(temperature))
     posterior = {name: value.detach().cpu().numpy()[np.newaxis] for name, value in samples.items()}
     return to_inference_data(
         posterior, log_likelihood[np.newaxis], predictive[np.newaxis], labels.cpu().numpy(), classes,
@@ -433,11 +443,12 @@ def build_inference_data(run_dir: str | Path, *, num_draws: int = DEFAULT_NUM_DR
         "test_set_sha1": fingerprint_test_split(loaded.data.test.images, loaded.data.test.labels),
         "draw_seed": int(seed),
         "likelihood_data": "test split",
+        "temperature": float(hybrid.temperature),
     }
     logger.info("%s: %d draws of the head on %d test inputs", run_dir, num_draws, len(labels))
     return head_inference_data(hybrid.head, guide, features, labels, loaded.data.classes, num_draws=num_draws,
                                seed=seed, train_losses=loaded.report["models"]["bayesian"].get("train_losses"),
-                               attrs=attrs)
+                               attrs=attrs, temperature=hybrid.temperature)
 
 
 def save_inference_data(idata, path: str | Path) -> Path:

@@ -275,15 +275,17 @@ def _chunk_size(samples_per_chunk: int | None, batch: int, num_classes: int) -> 
     return max(1, CHUNK_ELEMENTS // max(1, batch * num_classes))
 
 
-def _average_samples(draw_logits, num_samples: int, chunk: int, keep_samples: bool):
+def _average_samples(draw_logits, num_samples: int, chunk: int, keep_samples: bool, temperature: float = 1.0):
     """Average softmax over ``num_samples`` logits drawn chunk by chunk by ``draw_logits(start, stop)``.
 
-    Returns the log predictive ``(batch, num_classes)``, the expected entropy ``(batch,)`` and,
-    when ``keep_samples``, the per-sample probabilities ``(num_samples, batch, num_classes)``.
+    Each draw's logits are divided by ``temperature`` before the softmax. Returns the log
+    predictive ``(batch, num_classes)``, the expected entropy ``(batch,)`` and, when
+    ``keep_samples``, the per-sample probabilities ``(num_samples, batch, num_classes)``.
     """
     log_total, entropy_total, probability_chunks = None, None, []
     for start in range(0, num_samples, chunk):
-        per_sample = torch.log_softmax(draw_logits(start, min(start + chunk, num_samples)).double(), dim=-1)
+        logits = draw_logits(start, min(start + chunk, num_samples)).double()
+        per_sample = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
         chunk_total = torch.logsumexp(per_sample, dim=0)
         chunk_entropy = _entropy(per_sample).sum(0)
         if log_total is None:
@@ -327,10 +329,60 @@ def _local_chunk(posterior: GaussianHeadPosterior, features: torch.Tensor, first
     return local_reparameterization_logits(posterior, features, stop - first)
 
 
+def _batch_draws(hybrid, guide, loader, num_samples: int, seed: int | None, local_reparameterization: bool):
+    """Yield ``(draw_logits, batch_size, targets)`` per batch, with ``draw_logits(start, stop)``.
+
+    Seeds Pyro, then draws the head's samples once, at the first batch, so every batch sees
+    the same S draws (with weight sampling). The hybrid is put in eval mode first.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    return _draw_batches(hybrid, guide, loader, num_samples, seed, local_reparameterization)
+
+
+def _draw_batches(hybrid, guide, loader, num_samples, seed, local_reparameterization):
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    hybrid.eval()
+    samples, posterior = None, None
+    for images, targets in loader:
+        features = hybrid.features(images)
+        if local_reparameterization:
+            if posterior is None:
+                posterior = gaussian_head_posterior(hybrid.head, guide, features[:1])
+            yield partial(_local_chunk, posterior, features), len(features), targets
+        else:
+            if samples is None:
+                samples = sample_posterior(hybrid.head.model, guide, num_samples, features[:1])
+            yield partial(_weight_sample_chunk, hybrid.head, samples, features), len(features), targets
+
+
+def _resolve_temperature(hybrid, temperature: float | None) -> float:
+    value = float(getattr(hybrid, "temperature", 1.0) if temperature is None else temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {value}")
+    return value
+
+
+@torch.no_grad()
+def sample_logits(hybrid, guide, loader, num_samples: int = 20, seed: int | None = 0,
+                  local_reparameterization: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample logits ``(S, N, num_classes)`` (float32, on the CPU) and labels ``(N,)``.
+
+    With the same ``seed`` and ``num_samples``, these are the draws that :func:`predict_bayesian`
+    averages, before any temperature. Memory grows with ``S * N * num_classes``.
+    """
+    logits, labels = [], []
+    for draw_logits, _, targets in _batch_draws(hybrid, guide, loader, num_samples, seed, local_reparameterization):
+        logits.append(draw_logits(0, num_samples).float().cpu())
+        labels.append(targets.cpu())
+    return torch.cat(logits, dim=1), torch.cat(labels)
+
+
 @torch.no_grad()
 def predict_bayesian(hybrid, guide, loader, num_samples: int = 20, seed: int | None = 0,
                      keep_samples: bool = False, local_reparameterization: bool = False,
-                     samples_per_chunk: int | None = None) -> Predictions:
+                     samples_per_chunk: int | None = None, temperature: float | None = None) -> Predictions:
     """Monte-Carlo posterior predictive of a :class:`models.HybridClassifier`.
 
     Parameters
@@ -356,36 +408,27 @@ def predict_bayesian(hybrid, guide, loader, num_samples: int = 20, seed: int | N
         Samples applied to one batch at once; ``None`` keeps each chunk at about
         ``CHUNK_ELEMENTS`` logits. With weight sampling the chunks reuse the same draws, so the
         results change only by float32 rounding of the smaller matrix products.
+    temperature : float or None
+        Divides every draw's logits before the softmax. ``None`` uses ``hybrid.temperature``
+        (fitted on the validation split by :func:`pipelines.runner.fit_head_temperature`), or 1
+        when the hybrid has none.
 
     Raises
     ------
     ValueError
-        For ``num_samples < 1``, ``samples_per_chunk < 1``, or ``local_reparameterization``
-        with a guide or head it does not support.
+        For ``num_samples < 1``, ``samples_per_chunk < 1``, a temperature that is not positive,
+        or ``local_reparameterization`` with a guide or head it does not support.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     if samples_per_chunk is not None and samples_per_chunk < 1:
         raise ValueError(f"samples_per_chunk must be at least 1 or None, got {samples_per_chunk}")
+    temperature = _resolve_temperature(hybrid, temperature)
     start = time.perf_counter()
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    hybrid.eval()
-    samples, posterior = None, None
     log_probs, entropies, labels, sample_batches = [], [], [], []
-    for images, targets in loader:
-        features = hybrid.features(images)
-        if local_reparameterization:
-            if posterior is None:
-                posterior = gaussian_head_posterior(hybrid.head, guide, features[:1])
-            draw_logits = partial(_local_chunk, posterior, features)
-        else:
-            if samples is None:
-                samples = sample_posterior(hybrid.head.model, guide, num_samples, features[:1])
-            draw_logits = partial(_weight_sample_chunk, hybrid.head, samples, features)
-
-        chunk = _chunk_size(samples_per_chunk, len(features), hybrid.head.out_features)
-        batch_log_probs, batch_entropy, batch_samples = _average_samples(draw_logits, num_samples, chunk, keep_samples)
+    for draw_logits, batch, targets in _batch_draws(hybrid, guide, loader, num_samples, seed,
+                                                    local_reparameterization):
+        chunk = _chunk_size(samples_per_chunk, batch, hybrid.head.out_features)
+        batch_log_probs, batch_entropy, batch_samples = _average_samples(draw_logits, num_samples, chunk,
+                                                                         keep_samples, temperature)
         log_probs.append(batch_log_probs)
         entropies.append(batch_entropy)
         labels.append(targets)

@@ -60,6 +60,7 @@ def build_report(config, data, device, predictions: dict, results: dict, hybrid=
             "kl_warmup_epochs": config.kl_warmup_epochs,
             "scheme": config.scheme,
             "num_samples": config.num_samples,
+            "temperature": float(getattr(hybrid, "temperature", 1.0)),
         })
     return {
         "dataset": data.name,
@@ -105,6 +106,13 @@ def write_diagrams(out: Path, predictions: dict) -> dict[str, str]:
     return files
 
 
+def _temperature_note(config: dict, bayesian: dict) -> str:
+    temperature = bayesian.get("temperature", 1.0)
+    if config.get("temperature", "none") == "validation" and temperature != 1.0:
+        return f", logits divided by a temperature of {temperature:.4f} fitted on the validation split"
+    return ""
+
+
 def write_report(out: Path, report: dict, predictions: dict, classes) -> None:
     """Write ``report.json``, the diagrams and ``report.md`` into ``out``."""
     out = Path(out)
@@ -121,7 +129,8 @@ def write_report(out: Path, report: dict, predictions: dict, classes) -> None:
         f"seed {report['seed']}, device {report['device']}, {report['created']}.",
         f"Bayesian head: prior {report['models']['bayesian']['prior']}, guide {config['guide']} "
         f"({report['models']['bayesian'].get('guide_class', 'class not recorded')}), "
-        f"ELBO {config['elbo']}, scheme {config['scheme']}, {config['num_samples']} posterior samples.",
+        f"ELBO {config['elbo']}, scheme {config['scheme']}, {config['num_samples']} posterior samples"
+        f"{_temperature_note(config, report['models']['bayesian'])}.",
         f"Backbone optimizer {config.get('optimizer', 'adamw')} (peak learning rate {config['lr']}, weight decay "
         f"{config['weight_decay']}); guide optimizer Adam (peak learning rate {config.get('guide_lr', config['lr'])}).",
         "ECE and MCE use 15 equal-width bins on top-label confidence; NLL is in nats.",

@@ -38,3 +38,39 @@ def test_temperature_rejects_bad_input():
         fit_temperature(np.zeros((3, 2)), np.zeros(2, dtype=int))
     with pytest.raises(ValueError, match="temperature must be positive"):
         apply_temperature(np.zeros((1, 2)), 0.0)
+
+
+def _mc_nll(sample_logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """NLL of the mean over samples of softmax(z_s / T), computed plainly in numpy."""
+    probs = np.stack([apply_temperature(z, temperature) for z in sample_logits]).mean(0)
+    return float(-np.log(probs[np.arange(len(labels)), labels]).mean())
+
+
+def test_temperature_of_identical_samples_equals_single_fit():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(scale=3.0, size=(800, 4))
+    labels = (rng.random((800, 1)) > apply_temperature(logits, 0.7).cumsum(1)).sum(1)
+    single = fit_temperature(logits, labels)
+    assert fit_temperature(np.stack([logits] * 3), labels) == pytest.approx(single, rel=1e-6)
+    assert single == pytest.approx(0.7, rel=0.15)
+
+
+def test_temperature_over_samples_minimises_monte_carlo_nll():
+    # Samples that disagree: the fit must minimise the NLL of the averaged softmax, which is
+    # not the NLL of the averaged logits.
+    rng = np.random.default_rng(3)
+    base = rng.normal(scale=4.0, size=(600, 3))
+    samples = base + rng.normal(scale=3.0, size=(8, 600, 3))
+    labels = (rng.random((600, 1)) > apply_temperature(base, 2.0).cumsum(1)).sum(1)
+    fitted = fit_temperature(samples, labels)
+    best = _mc_nll(samples, labels, fitted)
+    for factor in (0.9, 0.97, 1.03, 1.1):
+        assert best < _mc_nll(samples, labels, fitted * factor), factor
+    assert abs(fitted - fit_temperature(samples.mean(0), labels)) > 0.05
+
+
+def test_temperature_rejects_mismatched_samples():
+    with pytest.raises(ValueError, match=r"\(S, N, num_classes\)"):
+        fit_temperature(np.zeros((2, 3, 4)), np.zeros(5, dtype=int))
+    with pytest.raises(ValueError, match="expected log_probs of shape"):
+        fit_temperature(np.zeros((2, 2, 3, 4)), np.zeros(3, dtype=int))

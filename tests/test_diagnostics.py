@@ -47,7 +47,7 @@ def runs(tmp_path_factory):
     for name, seed in (("a", 0), ("b", 1)):
         out = root / name
         report = run(RunConfig(dataset="digits", epochs=2, subset=400, seed=seed, out=str(out), progress=False,
-                               widths=(4, 8), convs_per_block=1))
+                               widths=(4, 8), convs_per_block=1, scheme="joint"))
         idata = build_inference_data(out, num_draws=NUM_DRAWS)
         save_inference_data(idata, out / "diagnostics.nc")
         built[name] = {"dir": out, "report": report, "idata": idata}

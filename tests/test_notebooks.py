@@ -181,7 +181,7 @@ def test_medical_safety_net_with_scans(monkeypatch, tmp_path, brain_mri_root):
 
     stored = printed_number(notebook, "stored threshold")
     assert printed_number(notebook, "validation scans:") == stored
-    assert 0 <= stored <= math.log(4)
+    assert 0 <= stored <= math.log(4) + 1e-4  # printed to 4 decimals
     for row in markdown_table(notebook, "model (each with its own threshold)").values():
         assert 0 <= float(row["referred fraction"]) <= 1
 

@@ -121,3 +121,26 @@ def test_mean_log_probability_formula():
     log_probs = torch.log(torch.tensor([[0.2, 0.8], [0.6, 0.4]], dtype=torch.float64))
     averaged = torch.logsumexp(log_probs, 0) - math.log(2)
     assert torch.allclose(averaged.exp(), torch.tensor([0.4, 0.6], dtype=torch.float64))
+
+
+def test_temperature_divides_each_draw_before_averaging():
+    from pipelines.prediction import sample_logits
+
+    hybrid, guide, images = _trained_hybrid()
+    loader = BatchIterator(images, 10, [0.5], [0.25])
+    logits, labels = sample_logits(hybrid, guide, loader, num_samples=6, seed=4)
+    assert logits.shape == (6, 24, 3)
+    assert torch.equal(labels, images.labels)
+
+    tempered = predict_bayesian(hybrid, guide, loader, num_samples=6, seed=4, temperature=2.5)
+    expected = torch.softmax(logits.double() / 2.5, -1).mean(0).numpy()
+    assert np.allclose(tempered.probs, expected, atol=1e-6)
+    plain = predict_bayesian(hybrid, guide, loader, num_samples=6, seed=4)
+    assert np.allclose(plain.probs, torch.softmax(logits.double(), -1).mean(0).numpy(), atol=1e-6)
+    assert not np.allclose(plain.probs, tempered.probs, atol=1e-3)
+
+    # Without an argument the hybrid's own temperature applies.
+    hybrid.temperature = 2.5
+    assert np.array_equal(predict_bayesian(hybrid, guide, loader, num_samples=6, seed=4).probs, tempered.probs)
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        predict_bayesian(hybrid, guide, loader, num_samples=6, temperature=0.0)

@@ -1,0 +1,113 @@
+"""Measure what the validation temperature changes on a run trained without one.
+
+Runs made before ``--temperature`` existed (or with ``--temperature none``) predict with the
+Bayesian head as trained. This script reloads such a run, fits the temperature on its
+validation split exactly as ``bayeshead run`` now does (:func:`pipelines.runner.fit_head_temperature`),
+and prints the Bayesian model's test metrics with and without it, with the accuracy on the
+kept images when 5%, 10% and 20% are referred by predictive entropy. It never changes the run
+folder; the numbers go to ``--out`` as JSON.
+
+Usage::
+
+    python benchmarks/refit_temperature.py runs/brain-mri-96 --data-dir ../shared/data --out runs/brain-mri-96-temperature.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.calibration import selective_risk_curve
+from pipelines.io import atomic_write_json
+from pipelines.prediction import predict_bayesian
+from pipelines.report import METRICS, model_metrics
+from pipelines.runner import (
+    copy_config,
+    fit_head_temperature,
+    load_config_data,
+    load_run,
+    make_loaders,
+    stored_config,
+)
+from pipelines.training import select_device
+
+REFERRED_FRACTIONS = (0.05, 0.1, 0.2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="output folder of a finished 'bayeshead run' (classification)")
+    parser.add_argument("--data-dir", default=None, help="data folder, if it moved since the run (default: the run's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the numbers (default: print only)")
+    return parser.parse_args(argv)
+
+
+def _row(predictions) -> dict:
+    curve = selective_risk_curve(predictions.probs, predictions.labels, predictions.predictive_entropy)
+    row = model_metrics(predictions)
+    row.update({f"accuracy_at_{round(f * 100)}pct_referred": curve.accuracy_at(f) for f in REFERRED_FRACTIONS})
+    return row
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    report_path = args.run_dir / "report.json"
+    if not report_path.is_file():
+        print(f"refit_temperature: error: no report.json in {args.run_dir}", file=sys.stderr)
+        return 2
+    report = json.loads(report_path.read_text())
+    try:
+        config = stored_config(report, args.data_dir, args.device)
+        if config.likelihood != "categorical":
+            raise ValueError("the run is a regression; the temperature applies to classification only")
+        data = load_config_data(config)
+        if len(data.val) == 0:
+            raise ValueError("the run's validation split is empty, so there is nothing to fit the temperature on")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"refit_temperature: error: {error}", file=sys.stderr)
+        return 2
+    data.mean, data.std = report["normalization"]["mean"], report["normalization"]["std"]
+    device = select_device(config.device)
+    models = load_run(args.run_dir, config, data, device)
+    loaders = make_loaders(config, data, device)
+
+    rows = {}
+    stored = models.hybrid.temperature
+    rows["as stored"] = {"temperature": stored,
+                         **_row(predict_bayesian(models.hybrid, models.guide, loaders["test"], config.num_samples,
+                                                 seed=config.seed))}
+    start = time.perf_counter()
+    fitted = fit_head_temperature(copy_config(config, temperature="validation"), models.hybrid, models.guide,
+                                  loaders["val"])
+    seconds = time.perf_counter() - start
+    rows["validation temperature"] = {
+        "temperature": fitted, "fit_seconds": seconds,
+        **_row(predict_bayesian(models.hybrid, models.guide, loaders["test"], config.num_samples, seed=config.seed)),
+    }
+    keys = (*METRICS, *(f"accuracy_at_{round(f * 100)}pct_referred" for f in REFERRED_FRACTIONS))
+    print(f"{args.run_dir}: Bayesian model on {len(data.test)} test images, {config.num_samples} posterior samples; "
+          f"temperature fitted on {len(data.val)} validation images in {seconds:.1f} s")
+    print("| head | T | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
+    for name, row in rows.items():
+        print(f"| {name} | {row['temperature']:.4f} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+    if args.out is not None:
+        atomic_write_json(args.out, {"run_dir": str(args.run_dir.resolve()), "rows": rows,
+                                     "num_val": len(data.val), "num_test": len(data.test),
+                                     "machine": platform.platform(), "torch_threads": torch.get_num_threads()})
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
