@@ -333,7 +333,7 @@ def _batch_draws(hybrid, guide, loader, num_samples: int, seed: int | None, loca
     """Yield ``(draw_logits, batch_size, targets)`` per batch, with ``draw_logits(start, stop)``.
 
     Seeds Pyro, then draws the head's samples once, at the first batch, so every batch sees
-    the same S draws (with weight sampling). The hybrid is put in eval mode first.
+    the same S draws of the weights (without local reparameterization). The hybrid is put in eval mode first.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
@@ -367,7 +367,7 @@ def _resolve_temperature(hybrid, temperature: float | None) -> float:
 @torch.no_grad()
 def sample_logits(hybrid, guide, loader, num_samples: int = 20, seed: int | None = 0,
                   local_reparameterization: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample logits ``(S, N, num_classes)`` (float32, on the CPU) and labels ``(N,)``.
+    """Return per-sample logits ``(S, N, num_classes)`` (float32, on the CPU) and labels ``(N,)``.
 
     With the same ``seed`` and ``num_samples``, these are the draws that :func:`predict_bayesian`
     averages, before any temperature. Memory grows with ``S * N * num_classes``.
