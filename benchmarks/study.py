@@ -4,11 +4,15 @@ For each seed, with the same backbone and training budget, this script fits and 
 
 1. ``deterministic``: the CNN trained with cross-entropy;
 2. ``temperature``: the same CNN with temperature scaling fitted on the validation split;
-3. ``joint``: the hybrid trained jointly by SVI (the study's method);
-4. ``two-stage``: a Bayesian head fitted by SVI on the frozen backbone's training features;
-5. ``two-stage-val``: a Bayesian head fitted by SVI on the frozen backbone's validation
+3. ``joint``: the hybrid trained jointly by SVI (the study's method), predicting as trained;
+4. ``joint-tempered``: the same hybrid with its logits divided by a temperature fitted on the
+   validation split, as ``bayeshead run --temperature validation`` does;
+5. ``two-stage``: a Bayesian head fitted by SVI on the frozen backbone's training features;
+6. ``two-stage-tempered``: that head with the validation temperature (the default of
+   ``bayeshead run``);
+7. ``two-stage-val``: a Bayesian head fitted by SVI on the frozen backbone's validation
    features, with the prior scale chosen by the ELBO (the evidence lower bound) on a grid;
-6. ``laplace``: last-layer Laplace through the ``laplace-torch`` package (if installed), with
+8. ``laplace``: last-layer Laplace through the ``laplace-torch`` package (if installed), with
    the prior precision fitted by the marginal likelihood and the probit predictive.
 
 The CNN and the joint hybrid train with the recipe of ``bayeshead run`` (``RunConfig``'s
@@ -18,20 +22,22 @@ CIFAR-10 images, a tenfold guide lr or 100 head epochs widened the guide's scale
 lower ECE clearly below temperature scaling's, so these defaults stay (the numbers and the
 command are in ``benchmarks/README.md``).
 
-Every finished model and every result row is saved under ``--out``, so an interrupted study
-resumes without retraining what is done. ``--quick`` runs a CI-sized version.
+Every finished model (the CNN in ``deterministic.pt``, the joint hybrid in ``joint.pt``) and
+every result row is saved under ``--out``, so an interrupted study resumes without retraining
+what is done. ``--quick`` runs a CI-sized version.
 
 ``--reuse-run RUN_DIR`` takes the CNN (``deterministic.pt``) and the jointly trained hybrid
 (``bayesian.pt``: backbone, head buffers and guide params) from a finished ``bayeshead run``
 instead of training them, for the run's seed only; other seeds train as usual. The run's
 ``report.json`` config must equal the study's on every option in ``REUSED_RUN_KEYS`` and use the
 joint scheme, or the study stops with one line that names each differing option with both
-values. The two models' training times are the ones the report records. The joint row predicts
-with Pyro seeded by the run's seed, as ``bayeshead run`` does, so its metrics equal the report's
-exactly when ``--num-samples`` equals the run's ``num_samples`` (20 by default, against the
-study's 100) and both predict on the same kind of device; otherwise they differ by Monte-Carlo
-noise. Temperature scaling, the two-stage
-heads and Laplace then use the run's CNN. Each seed folder records in ``models.json`` where its
+values. The two models' training times are the ones the report records. The joint rows predict
+with Pyro seeded by the run's seed, as ``bayeshead run`` does. So the report's Bayesian metrics
+equal the ``joint-tempered`` row for a run with ``--temperature validation``, and the ``joint``
+row for a run without a temperature, exactly when ``--num-samples`` equals the run's
+``num_samples`` (20 by default, against the study's 100) and both predict on the same kind of
+device; otherwise they differ by Monte-Carlo noise. Temperature scaling, the two-stage heads
+and Laplace then use the run's CNN. Each seed folder records in ``models.json`` where its
 CNN came from, and the study rejects a folder whose results came from another CNN.
 
 Usage::
@@ -369,7 +375,7 @@ class Study:
         return scaled, model.train_seconds + time.perf_counter() - start, {"temperature": temperature}
 
     def joint_hybrid(self):
-        """The jointly trained hybrid and its guide: reused, loaded from ``joint.pt`` or trained.
+        """Return the jointly trained hybrid and its guide, reused, loaded from ``joint.pt`` or trained.
 
         Returns ``(hybrid, guide, train_seconds, predict_seed)``; the hybrid is in eval mode.
         """
@@ -436,7 +442,7 @@ class Study:
         return self._tempered("joint-tempered", *self.joint_hybrid())
 
     def two_stage_hybrid(self):
-        """The head fitted by SVI on the frozen CNN's training features, with its guide (cached)."""
+        """Return the head fitted by SVI on the frozen CNN's training features, with its guide (cached)."""
         if self._two_stage is None:
             pyro.clear_param_store()
             seed_everything(self.seed)
