@@ -156,7 +156,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add("--temperature", choices=TEMPERATURES,
         help="validation: divide the Bayesian head's logits by one temperature fitted on the validation "
              "split after training, so its predictive is calibrated on held-out images; none: predict with "
-             f"the head as trained (default: {d.temperature})")
+             f"the head as trained; classification only, a Gaussian likelihood ignores it (default: {d.temperature})")
     add("--head-epochs", type=positive_int, help=f"SVI epochs of the head in the two-stage scheme (default: {d.head_epochs})")
     add("--likelihood", choices=LIKELIHOOD_NAMES,
         help="categorical for classification, gaussian for regression on --dataset tabular "

@@ -39,7 +39,7 @@ from pipelines.data import (
     load_images_cached,
     subset_indices,
 )
-from pipelines.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from pipelines.io import atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 # Below this many kept validation scans, the referral threshold gets a warning note.
@@ -51,6 +51,10 @@ DEFAULT_TARGET_ACCURACY = 0.99
 NUM_CASES = 16
 NUM_OOD_IMAGES = 1000
 REFERRAL_FILE = "referral.json"
+INPUT_CHECK_FILE = "input_check.pt"
+# Share of the validation scans that the input check accepts: scans farther from every class
+# than this quantile of the validation distances are referred as unlike the training scans.
+INPUT_CHECK_QUANTILE = 0.99
 REFERRAL_MODEL = "bayesian"
 REFERRAL_SCORE = "predictive_entropy"
 MODEL_TITLES = {"deterministic": "CNN (cross-entropy)", "bayesian": "CNN + Bayesian head (SVI)"}
@@ -254,6 +258,57 @@ def ood_auroc(in_distribution: dict[str, np.ndarray], out_of_distribution: dict[
 # Figures (matplotlib's object API, so no GUI backend is needed)
 
 
+def fit_input_check(features: torch.Tensor, labels: torch.Tensor, val_features: torch.Tensor,
+                    num_classes: int, quantile: float = INPUT_CHECK_QUANTILE) -> dict:
+    """Fit the input check: class means and one shared covariance of the backbone's features.
+
+    A scan's score is its squared Mahalanobis distance to the nearest class mean (Lee, Lee, Lee
+    and Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
+    Adversarial Attacks", NeurIPS 2018). The threshold is the ``quantile`` of the validation
+    scans' scores, so about ``1 - quantile`` of new scans like them are referred. Predictive
+    entropy cannot do this job: a photograph can get a confident class.
+
+    Parameters
+    ----------
+    features, labels : Tensors ``(N, D)`` and ``(N,)``
+        Backbone features of the training scans and their classes.
+    val_features : Tensor ``(M, D)``
+        Backbone features of the validation scans, for the threshold.
+    num_classes : int
+    quantile : float in (0, 1)
+
+    Returns
+    -------
+    dict
+        ``means`` ``(num_classes, D)`` and ``precision`` ``(D, D)`` (float64 tensors),
+        ``threshold`` and ``quantile``.
+    """
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    if len(val_features) == 0:
+        raise ValueError("the input check needs validation scans for its threshold; use --val-fraction above 0")
+    features = features.double()
+    missing = [k for k in range(num_classes) if not bool((labels == k).any())]
+    if missing:
+        raise ValueError(f"the input check needs training scans of every class; none of class {missing}")
+    means = torch.stack([features[labels == k].mean(0) for k in range(num_classes)])
+    centred = features - means[labels]
+    covariance = centred.T @ centred / len(features)
+    # A small ridge keeps the inverse finite when some features never vary (dead ReLUs).
+    ridge = 1e-6 * max(float(covariance.diagonal().mean()), 1e-12)
+    precision = torch.linalg.inv(covariance + ridge * torch.eye(len(covariance), dtype=torch.float64))
+    check = {"means": means, "precision": precision, "quantile": float(quantile)}
+    check["threshold"] = float(np.quantile(input_distance(check, val_features), quantile))
+    return check
+
+
+def input_distance(check: dict, features: torch.Tensor) -> np.ndarray:
+    """Return each input's squared Mahalanobis distance to the nearest class mean, ``(N,)``."""
+    differences = features.double().cpu()[:, None, :] - check["means"][None]
+    distances = torch.einsum("nki,ij,nkj->nk", differences, check["precision"], differences)
+    return distances.min(dim=1).values.numpy()
+
+
 def plot_confusion_matrix(matrix, classes, title: str):
     """Return a figure of the confusion matrix, true classes down and predicted across."""
     from matplotlib.figure import Figure
@@ -347,7 +402,8 @@ def _out_of_distribution(config, data: DataBundle, models, device) -> dict:
     images = load_images_cached(chosen, "L", size)
     labels = torch.zeros(len(chosen), dtype=torch.int64)
     loader = BatchIterator(ImageSet(images, labels), PREDICT_BATCH_SIZE, data.mean, data.std, device=device)
-    return {"source": str(folder), "num_images": len(chosen), "predictions": predict_both(config, models, loader)}
+    return {"source": str(folder), "num_images": len(chosen), "predictions": predict_both(config, models, loader),
+            "loader": loader}
 
 
 def _cases_to_review(data: DataBundle, prediction, threshold: float | None, count: int = NUM_CASES):
@@ -417,7 +473,11 @@ def write_clinical_outputs(out, config, data: DataBundle, models, loaders: dict,
     result["referral"] = _referral(out, config, models, loaders, predictions, target_accuracy)
     threshold = result["referral"]["threshold"]
 
-    result["out_of_distribution"] = _ood_summary(config, data, models, loaders["test"].device, predictions)
+    check, result["input_check"], test_distance = _input_check(out, models, loaders)
+    if check is not None:
+        result["files"]["input_check"] = INPUT_CHECK_FILE
+    result["out_of_distribution"] = _ood_summary(config, data, models, loaders["test"].device, predictions,
+                                                 check, test_distance)
 
     order, cases = _cases_to_review(data, predictions[REFERRAL_MODEL], threshold)
     result["cases_to_review"] = cases
@@ -480,11 +540,44 @@ def _referral(out: Path, config, models, loaders, predictions, target_accuracy) 
     return {**referral, "test": test_outcome}
 
 
-def _ood_summary(config, data, models, device, predictions) -> dict:
+def _input_check(out: Path, models, loaders) -> tuple[dict | None, dict, np.ndarray | None]:
+    """Fit the input check on the Bayesian model's backbone, save it, and score the test split.
+
+    Returns the check (``None`` when it cannot be fitted), its summary for the report, and the
+    test scans' distances.
+    """
+    from pipelines.training import extract_features
+
+    if models is None or "train_plain" not in loaders or loaders["val"].num_data == 0:
+        return None, {"skipped": "no trained backbone or no validation scans to fit the input check on"}, None
+    logger.info("clinical outputs: fitting the input check on the training scans' features")
+    backbone = models.hybrid.backbone
+    features, labels = extract_features(backbone, loaders["train_plain"])
+    val_features, _ = extract_features(backbone, loaders["val"])
+    check = fit_input_check(features, labels, val_features, models.hybrid.head.out_features)
+    atomic_torch_save(check, out / INPUT_CHECK_FILE)
+    test_distance = input_distance(check, extract_features(backbone, loaders["test"])[0])
+    summary = {"score": "squared Mahalanobis distance of the backbone features to the nearest class mean",
+               "threshold": check["threshold"], "quantile": check["quantile"],
+               "val_referred_fraction": float(np.mean(input_distance(check, val_features) > check["threshold"])),
+               "test_referred_fraction": float(np.mean(test_distance > check["threshold"]))}
+    return check, summary, test_distance
+
+
+def _ood_summary(config, data, models, device, predictions, check=None, test_distance=None) -> dict:
     found = _out_of_distribution(config, data, models, device)
     if "skipped" in found:
         logger.info("clinical outputs: %s", found["skipped"])
         return found
+    loader = found.pop("loader")
+    input_check = None
+    if check is not None:
+        from pipelines.training import extract_features
+
+        distance = input_distance(check, extract_features(models.hybrid.backbone, loader)[0])
+        input_check = {"auroc": ood_auroc({"input_distance": test_distance}, {"input_distance": distance})[
+                           "input_distance"],
+                       "referred_fraction": float(np.mean(distance > check["threshold"]))}
     auroc, labelled_as = {}, {}
     for name, prediction in found.pop("predictions").items():
         bayesian = name != "deterministic"
@@ -498,7 +591,7 @@ def _ood_summary(config, data, models, device, predictions) -> dict:
             "mean_predictive_entropy_mri": float(predictions[name].predictive_entropy.mean()),
         }
     return {**found, "negatives": "MRI test scans", "positives": "CIFAR-10 test images, grayscale",
-            "auroc": auroc, "labelled_as": labelled_as,
+            "auroc": auroc, "labelled_as": labelled_as, "input_check": input_check,
             "note": "A deterministic model has no posterior samples, so its mutual information is 0 "
                     "and has no AUROC"}
 
@@ -581,6 +674,18 @@ def clinical_markdown(result: dict, classes, info: dict) -> str:
             lines.append(f"| {MODEL_TITLES.get(model, model)} | {counts} | {row['mean_confidence']:.3f} | "
                          f"{row['mean_predictive_entropy']:.3f} | {row['mean_predictive_entropy_mri']:.3f} |")
         lines.append("")
+        if ood.get("input_check"):
+            row = ood["input_check"]
+            lines += [f"The input check (feature distance, below) tells the photographs from the MRI test scans "
+                      f"with AUROC {row['auroc']:.4f} and refers {row['referred_fraction']:.1%} of them.", ""]
+
+    check = result.get("input_check", {})
+    if "threshold" in check:
+        lines += ["## Input check", "",
+                  f"Score: {check['score']}. A scan is referred as unlike the training scans when its score "
+                  f"exceeds {check['threshold']:.2f}, the {check['quantile']:.0%} quantile on the validation "
+                  f"scans. It refers {check['test_referred_fraction']:.1%} of the MRI test scans. "
+                  f"`bayeshead predict` applies it with the entropy threshold (stored in `{INPUT_CHECK_FILE}`).", ""]
 
     leakage = result.get("leakage")
     if leakage:
@@ -626,6 +731,7 @@ class Predictor:
     mode: str
     referral: dict
     device: torch.device
+    input_check: dict | None = None
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -675,8 +781,11 @@ def load_predictor(run_dir, device: str | None = None) -> Predictor:
                            torch.zeros(2, dtype=torch.int64))
     bundle = DataBundle(config.dataset, list(stored["classes"]), placeholder, placeholder, placeholder, mean, std)
     models = load_run(run_dir, config, bundle, torch_device)
+    input_check = None
+    if (run_dir / INPUT_CHECK_FILE).is_file():  # runs from before the input check have none
+        input_check = torch.load(run_dir / INPUT_CHECK_FILE, map_location="cpu", weights_only=True)
     return Predictor(config, models, list(stored["classes"]), mean, std, int(image_size),
-                     "L" if channels == 1 else "RGB", referral, torch_device)
+                     "L" if channels == 1 else "RGB", referral, torch_device, input_check)
 
 
 def predict_scans(predictor: Predictor, scans) -> tuple[list[dict], list[str]]:
@@ -686,7 +795,9 @@ def predict_scans(predictor: Predictor, scans) -> tuple[list[dict], list[str]]:
     -------
     results : list of dict
         One per readable scan, in input order: ``scan``, ``predicted_class``, ``probabilities``,
-        ``predictive_entropy``, ``mutual_information``, ``refer`` and ``threshold``.
+        ``predictive_entropy``, ``mutual_information``, ``refer`` and ``threshold``. With the
+        run's input check also ``input_distance`` and ``unlike_training``; such a scan is
+        referred whatever its entropy.
     errors : list of str
         One message per file that could not be decoded.
     """
@@ -710,6 +821,12 @@ def predict_scans(predictor: Predictor, scans) -> tuple[list[dict], list[str]]:
                                   config.num_samples, seed=config.seed)
     threshold = float(predictor.referral["threshold"])
     entropy, mutual = prediction.predictive_entropy, prediction.mutual_information
+    distance = None
+    if predictor.input_check is not None:
+        from pipelines.training import extract_features
+
+        distance = input_distance(predictor.input_check,
+                                  extract_features(predictor.models.hybrid.backbone, loader)[0])
     results = []
     for index, scan in enumerate(readable):
         probs = prediction.probs[index]
@@ -722,17 +839,25 @@ def predict_scans(predictor: Predictor, scans) -> tuple[list[dict], list[str]]:
             "refer": bool(entropy[index] > threshold),
             "threshold": threshold,
         })
+        if distance is not None:
+            unlike = bool(distance[index] > predictor.input_check["threshold"])
+            results[-1].update({"input_distance": float(distance[index]), "unlike_training": unlike,
+                                "refer": results[-1]["refer"] or unlike})
     return results, errors
 
 
 def format_predictions(results: list[dict], classes) -> str:
     """Return the predictions as a Markdown table, one row per scan."""
-    header = ["scan", "predicted", *[f"p({name})" for name in classes], "entropy", "MI", "decision"]
+    checked = any("unlike_training" in row for row in results)
+    header = ["scan", "predicted", *[f"p({name})" for name in classes], "entropy", "MI",
+              *(["input check"] if checked else []), "decision"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results:
         cells = [row["scan"], row["predicted_class"], *[f"{row['probabilities'][name]:.4f}" for name in classes],
-                 f"{row['predictive_entropy']:.4f}", f"{row['mutual_information']:.4f}",
-                 "refer" if row["refer"] else "accept"]
+                 f"{row['predictive_entropy']:.4f}", f"{row['mutual_information']:.4f}"]
+        if checked:
+            cells.append("unlike training scans" if row.get("unlike_training") else "ok")
+        cells.append("refer" if row["refer"] else "accept")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -752,6 +877,9 @@ def _predict_command(args) -> int:
               f"on the kept scans, referring {referral.get('val_referred_fraction', float('nan')):.1%} of them"
               + ("" if referral.get("met_target", True) else "; no threshold reached it, so the strictest is used")
               + ")")
+        if predictor.input_check is not None:
+            print(f"also refer when the input check's feature distance > {predictor.input_check['threshold']:.2f} "
+                  f"(the {predictor.input_check['quantile']:.0%} quantile on the validation scans)")
     return 1 if errors else 0
 
 

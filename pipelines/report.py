@@ -107,10 +107,14 @@ def write_diagrams(out: Path, predictions: dict) -> dict[str, str]:
 
 
 def _temperature_note(config: dict, bayesian: dict) -> str:
-    temperature = bayesian.get("temperature", 1.0)
-    if config.get("temperature", "none") == "validation" and temperature != 1.0:
-        return f", logits divided by a temperature of {temperature:.4f} fitted on the validation split"
-    return ""
+    if "temperature" not in bayesian:  # a report from before the temperature option
+        return ""
+    temperature = bayesian["temperature"]
+    if config.get("temperature", "none") == "none":
+        return ", no temperature (--temperature none)"
+    if temperature == 1.0:
+        return ", no temperature (the validation split is empty)"
+    return f", logits divided by a temperature of {temperature:.4f} fitted on the validation split"
 
 
 def write_report(out: Path, report: dict, predictions: dict, classes) -> None:

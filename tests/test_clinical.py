@@ -225,6 +225,12 @@ def test_run_writes_clinical_report(tiny_run):
         assert sum(ood["labelled_as"]["bayesian"]["predicted_class_counts"].values()) == 1000
         assert 0.25 <= ood["labelled_as"]["bayesian"]["mean_confidence"] <= 1.0
     assert "## Inputs that are not brain MRI" in (run_dir / "clinical.md").read_text()
+    check = stored["clinical"]["input_check"]
+    saved = torch.load(run_dir / "input_check.pt", weights_only=True)
+    assert saved["threshold"] == check["threshold"] > 0
+    assert saved["means"].shape == (4, 8)  # 4 classes, 8 backbone features
+    assert 0.0 <= check["test_referred_fraction"] <= 1.0
+    assert "## Input check" in (run_dir / "clinical.md").read_text()
 
 
 def test_predict_matches_run(tiny_run, capsys):
@@ -240,7 +246,8 @@ def test_predict_matches_run(tiny_run, capsys):
         for name in CLASSES:
             assert row["probabilities"][name] == pytest.approx(case["probabilities"][name], abs=1e-5)
         assert row["predicted_class"] == max(row["probabilities"], key=row["probabilities"].get)
-        assert row["refer"] is (row["predictive_entropy"] > threshold)
+        assert row["refer"] is (row["predictive_entropy"] > threshold or row["unlike_training"])
+        assert row["unlike_training"] is (row["input_distance"] > report["clinical"]["input_check"]["threshold"])
         assert row["threshold"] == threshold
 
 
@@ -302,3 +309,49 @@ def test_predict_missing_referral(tiny_run, tmp_path, capsys):
     assert error.startswith(f"bayeshead: error: no referral.json in {tmp_path}")
     assert len(error.strip().splitlines()) == 1
     assert "Traceback" not in error
+
+
+def test_input_check_hand_made_clusters():
+    # Two classes at (0, 0) and (10, 0) with unit variance: a point far from both is flagged,
+    # a class mean scores 0, and the threshold is the 0.9 quantile of the validation scores.
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(2000) % 2
+    features = torch.randn(2000, 2, generator=generator) + torch.stack([labels * 10.0, 0 * labels], 1)
+    val = torch.randn(200, 2, generator=generator)
+    check = clinical.fit_input_check(features, labels, val, num_classes=2, quantile=0.9)
+    assert check["means"].shape == (2, 2)
+    assert check["threshold"] == pytest.approx(np.quantile(clinical.input_distance(check, val), 0.9))
+    distances = clinical.input_distance(check, torch.tensor([[0.0, 0.0], [10.0, 0.0], [5.0, 30.0]]))
+    assert clinical.input_distance(check, check["means"]) == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert distances[0] < 0.01
+    assert distances[1] < 0.01
+    assert distances[2] > 100 * check["threshold"]
+    # Unit covariance: the squared distance of (0, 3) to the first mean is about 9.
+    assert clinical.input_distance(check, torch.tensor([[0.0, 3.0]]))[0] == pytest.approx(9.0, rel=0.15)
+
+
+def test_input_check_rejects_missing_class():
+    with pytest.raises(ValueError, match="training scans of every class; none of class \\[1\\]"):
+        clinical.fit_input_check(torch.zeros(4, 2), torch.zeros(4, dtype=torch.int64), torch.zeros(2, 2), 2)
+    with pytest.raises(ValueError, match="needs validation scans"):
+        clinical.fit_input_check(torch.zeros(4, 2), torch.arange(4) % 2, torch.zeros(0, 2), 2)
+
+
+def test_fit_input_check_script_restores_check(tiny_run, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fit_input_check.py"
+    spec = importlib.util.spec_from_file_location("fit_input_check", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    run_dir, report = tiny_run
+    copy = tmp_path / "old-run"
+    shutil.copytree(run_dir, copy)
+    (copy / "input_check.pt").unlink()
+    assert module.main([str(copy)]) == 0
+    restored = torch.load(copy / "input_check.pt", weights_only=True)
+    assert restored["threshold"] == pytest.approx(report["clinical"]["input_check"]["threshold"], rel=1e-9)
+    assert "MRI test scans" in capsys.readouterr().out
+    assert module.main([str(tmp_path / "absent")]) == 2
