@@ -50,3 +50,14 @@ def test_refit_on_run_without_temperature(refit, tmp_path, capsys):
 def test_refit_missing_run_is_error(refit, tmp_path, capsys):
     assert refit.main([str(tmp_path / "none")]) == 2
     assert "no report.json in" in capsys.readouterr().err
+
+
+def test_small_validation_split_warns(tmp_path, caplog):
+    pyro.clear_param_store()
+    config = RunConfig(dataset="digits", subset=200, epochs=1, num_samples=5, device="cpu", progress=False,
+                       out=str(tmp_path / "run"))
+    with caplog.at_level("WARNING", logger="pipelines.runner"):
+        report = run(config)
+    num_val = report["sizes"]["val"]
+    assert num_val < 100
+    assert f"was fitted on only {num_val} validation images" in caplog.text
