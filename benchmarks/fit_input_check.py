@@ -15,14 +15,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from pipelines import clinical
-from pipelines.runner import load_config_data, load_run, make_loaders, stored_config
-from pipelines.training import extract_features, select_device
+from pipelines.runner import read_run_report, reload_run, stored_config
+from pipelines.training import extract_features
 
 
 def main(argv=None) -> int:
@@ -32,21 +31,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    report_path = args.run_dir / "report.json"
-    if not report_path.is_file():
-        print(f"fit_input_check: error: no report.json in {args.run_dir}", file=sys.stderr)
+    try:
+        report = read_run_report(args.run_dir)
+        config = stored_config(report, args.data_dir)
+        if config.dataset != "brain-mri":
+            raise ValueError(f"{args.run_dir} is a {config.dataset} run; the input check is for brain-mri")
+        reloaded = reload_run(args.run_dir, report, config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"fit_input_check: error: {error}", file=sys.stderr)
         return 2
-    report = json.loads(report_path.read_text())
-    config = stored_config(report, args.data_dir)
-    if config.dataset != "brain-mri":
-        print(f"fit_input_check: error: {args.run_dir} is a {config.dataset} run; the input check is for brain-mri",
-              file=sys.stderr)
-        return 2
-    data = load_config_data(config)
-    data.mean, data.std = report["normalization"]["mean"], report["normalization"]["std"]
-    device = select_device(config.device)
-    models = load_run(args.run_dir, config, data, device)
-    loaders = make_loaders(config, data, device)
+    data, models, loaders, device = reloaded.data, reloaded.models, reloaded.loaders, reloaded.device
 
     check, summary, test_distance = clinical._input_check(args.run_dir, models, loaders)
     if check is None:

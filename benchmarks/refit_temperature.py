@@ -1,11 +1,11 @@
 """Measure what the validation temperature changes on a run trained without one.
 
 Runs made before ``--temperature`` existed (or with ``--temperature none``) predict with the
-Bayesian head as trained. This script reloads such a run, fits the temperature on its
-validation split exactly as ``bayeshead run`` now does (:func:`pipelines.runner.fit_head_temperature`),
-and prints the Bayesian model's test metrics with and without it, with the accuracy on the
-kept images when 5%, 10% and 20% are referred by predictive entropy. It never changes the run
-folder; the numbers go to ``--out`` as JSON.
+Bayesian head as trained. This script reloads such a run and fits the temperature on its
+validation split exactly as ``bayeshead run`` now does (:func:`pipelines.runner.fit_head_temperature`).
+It prints the Bayesian model's test metrics with and without the temperature. It also prints the
+accuracy on the kept images when 5%, 10% and 20% are referred by predictive entropy. It never
+changes the run folder, and the numbers go to ``--out`` as JSON.
 
 Usage::
 
@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
@@ -31,12 +30,10 @@ from pipelines.report import METRICS, model_metrics
 from pipelines.runner import (
     copy_config,
     fit_head_temperature,
-    load_config_data,
-    load_run,
-    make_loaders,
+    read_run_report,
+    reload_run,
     stored_config,
 )
-from pipelines.training import select_device
 
 REFERRED_FRACTIONS = (0.05, 0.1, 0.2)
 
@@ -61,25 +58,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    report_path = args.run_dir / "report.json"
-    if not report_path.is_file():
-        print(f"refit_temperature: error: no report.json in {args.run_dir}", file=sys.stderr)
-        return 2
-    report = json.loads(report_path.read_text())
     try:
+        report = read_run_report(args.run_dir)
         config = stored_config(report, args.data_dir, args.device)
         if config.likelihood != "categorical":
             raise ValueError("the run is a regression; the temperature applies to classification only")
-        data = load_config_data(config)
-        if len(data.val) == 0:
+        reloaded = reload_run(args.run_dir, report, config)
+        if len(reloaded.data.val) == 0:
             raise ValueError("the run's validation split is empty, so there is nothing to fit the temperature on")
     except (ValueError, FileNotFoundError) as error:
         print(f"refit_temperature: error: {error}", file=sys.stderr)
         return 2
-    data.mean, data.std = report["normalization"]["mean"], report["normalization"]["std"]
-    device = select_device(config.device)
-    models = load_run(args.run_dir, config, data, device)
-    loaders = make_loaders(config, data, device)
+    data, models, loaders = reloaded.data, reloaded.models, reloaded.loaders
 
     rows = {}
     stored = models.hybrid.temperature

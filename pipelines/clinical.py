@@ -264,7 +264,8 @@ def fit_input_check(features: torch.Tensor, labels: torch.Tensor, val_features: 
 
     A scan's score is its squared Mahalanobis distance to the nearest class mean (Lee, Lee, Lee
     and Shin, "A Simple Unified Framework for Detecting Out-of-Distribution Samples and
-    Adversarial Attacks", NeurIPS 2018). The threshold is the ``quantile`` of the validation
+    Adversarial Attacks", NeurIPS 2018), taken on the last feature layer only, without the
+    paper's input perturbation or its combination of layers. The threshold is the ``quantile`` of the validation
     scans' scores, so about ``1 - quantile`` of new scans like them are referred. Predictive
     entropy cannot do this job: a photograph can get a confident class.
 

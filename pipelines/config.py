@@ -16,8 +16,8 @@ from pipelines.data import DATASET_NAMES
 DEVICES = ("auto", "cpu", "cuda")
 ELBOS = ("trace", "meanfield")
 SCHEMES = ("joint", "two-stage")
-# How the Bayesian head's logits are tempered at prediction: "validation" fits one temperature on
-# the validation split (see pipelines.runner.fit_head_temperature); "none" keeps them as trained.
+# Choices of --temperature. "validation" fits one temperature of the Bayesian head's logits on the
+# validation split (pipelines.runner.fit_head_temperature), and "none" keeps the head as trained.
 TEMPERATURES = ("validation", "none")
 LIKELIHOOD_NAMES = ("categorical", "gaussian")
 # Datasets of the regression pipeline (pipelines/regression.py), used with --likelihood gaussian.

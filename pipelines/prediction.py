@@ -332,7 +332,7 @@ def _local_chunk(posterior: GaussianHeadPosterior, features: torch.Tensor, first
 def _batch_draws(hybrid, guide, loader, num_samples: int, seed: int | None, local_reparameterization: bool):
     """Yield ``(draw_logits, batch_size, targets)`` per batch, with ``draw_logits(start, stop)``.
 
-    Seeds Pyro, then draws the head's samples once, at the first batch, so every batch sees
+    Seeds Pyro, then draws the head's samples once, at the first batch, so every batch uses
     the same S draws of the weights (without local reparameterization). The hybrid is put in eval mode first.
     """
     if num_samples < 1:

@@ -512,11 +512,13 @@ def stored_config(report: dict, data_dir: str | None = None, device: str | None 
     return config.validate()
 
 
-def evaluate(run_dir: str | Path, data_dir: str | None = None, device: str | None = None, *,
-             prior: Prior | Callable | None = None, guide_factory: GuideFactory | None = None) -> dict:
-    """Reload a run's checkpoints, recompute the test metrics and write ``evaluation.json``.
+def read_run_report(run_dir: str | Path) -> dict:
+    """Read ``report.json`` of a finished run.
 
-    A run trained with a Python ``prior`` or ``guide_factory`` needs the same ones here.
+    Raises
+    ------
+    FileNotFoundError
+        When the folder or its ``report.json`` is missing.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -524,19 +526,53 @@ def evaluate(run_dir: str | Path, data_dir: str | None = None, device: str | Non
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         raise FileNotFoundError(f"no report.json in {run_dir}: expected the output folder of 'bayeshead run'")
-    stored = json.loads(report_path.read_text())
+    return json.loads(report_path.read_text())
+
+
+@dataclass
+class ReloadedRun:
+    """A finished classification run rebuilt from its folder, ready to predict."""
+
+    config: RunConfig
+    data: DataBundle
+    device: torch.device
+    loaders: dict[str, BatchIterator]
+    models: TrainedModels
+
+
+def reload_run(run_dir: str | Path, report: dict, config: RunConfig, *, prior: Prior | Callable | None = None,
+               guide_factory: GuideFactory | None = None) -> ReloadedRun:
+    """Load a classification run's data, normalised as in training, with its models and loaders.
+
+    ``report`` is the run's ``report.json`` and ``config`` the config rebuilt from it (see
+    :func:`stored_config`). A run trained with a Python ``prior`` or ``guide_factory`` needs
+    the same ones here.
+    """
+    torch_device = select_device(config.device)
+    data = load_config_data(config)
+    data.mean, data.std = report["normalization"]["mean"], report["normalization"]["std"]
+    loaders = make_loaders(config, data, torch_device)
+    models = load_run(Path(run_dir), config, data, torch_device, prior=prior, guide_factory=guide_factory)
+    return ReloadedRun(config, data, torch_device, loaders, models)
+
+
+def evaluate(run_dir: str | Path, data_dir: str | None = None, device: str | None = None, *,
+             prior: Prior | Callable | None = None, guide_factory: GuideFactory | None = None) -> dict:
+    """Reload a run's checkpoints, recompute the test metrics and write ``evaluation.json``.
+
+    A run trained with a Python ``prior`` or ``guide_factory`` needs the same ones here.
+    """
+    run_dir = Path(run_dir)
+    stored = read_run_report(run_dir)
     config = stored_config(stored, data_dir, device)
     check_components(stored["models"]["bayesian"], prior, guide_factory)
-    torch_device = select_device(config.device)
     if config.likelihood == "gaussian":
         from pipelines.regression import evaluate_regression
 
-        return evaluate_regression(run_dir, stored, config, torch_device, prior=prior, guide_factory=guide_factory)
-    data = load_config_data(config)
-    data.mean, data.std = stored["normalization"]["mean"], stored["normalization"]["std"]
-    loaders = make_loaders(config, data, torch_device)
-    models = load_run(run_dir, config, data, torch_device, prior=prior, guide_factory=guide_factory)
-    predictions = predict_both(config, models, loaders["test"])
+        return evaluate_regression(run_dir, stored, config, select_device(config.device), prior=prior,
+                                   guide_factory=guide_factory)
+    reloaded = reload_run(run_dir, stored, config, prior=prior, guide_factory=guide_factory)
+    predictions = predict_both(config, reloaded.models, reloaded.loaders["test"])
     evaluation = reporting.metrics_table(predictions)
     reporting.write_evaluation(run_dir, stored, evaluation)
     return {"stored": stored["models"], "recomputed": evaluation}

@@ -46,7 +46,7 @@ def _mc_nll(sample_logits: np.ndarray, labels: np.ndarray, temperature: float) -
     return float(-np.log(probs[np.arange(len(labels)), labels]).mean())
 
 
-def test_temperature_of_identical_samples_equals_single_fit():
+def test_identical_samples_match_single_fit():
     rng = np.random.default_rng(2)
     logits = rng.normal(scale=3.0, size=(800, 4))
     labels = (rng.random((800, 1)) > apply_temperature(logits, 0.7).cumsum(1)).sum(1)
@@ -55,7 +55,7 @@ def test_temperature_of_identical_samples_equals_single_fit():
     assert single == pytest.approx(0.7, rel=0.15)
 
 
-def test_temperature_over_samples_minimises_monte_carlo_nll():
+def test_sample_fit_minimises_mc_nll():
     # Samples that disagree: the fit must minimise the NLL of the averaged softmax, which is
     # not the NLL of the averaged logits.
     rng = np.random.default_rng(3)

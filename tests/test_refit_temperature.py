@@ -49,7 +49,10 @@ def test_refit_on_run_without_temperature(refit, tmp_path, capsys):
 
 def test_refit_missing_run_is_error(refit, tmp_path, capsys):
     assert refit.main([str(tmp_path / "none")]) == 2
-    assert "no report.json in" in capsys.readouterr().err
+    assert f"run folder {tmp_path / 'none'} not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert refit.main([str(tmp_path / "empty")]) == 2
+    assert f"no report.json in {tmp_path / 'empty'}" in capsys.readouterr().err
 
 
 def test_small_validation_split_warns(tmp_path, caplog):

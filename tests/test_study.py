@@ -128,8 +128,8 @@ def test_reuse_run_matches_report(study, digits_run, tmp_path, monkeypatch):
     assert code == 0
 
     rows = {row["method"]: row for row in json.loads((out / "study_digits.json").read_text())["rows"]}
-    # The run fitted its head's temperature on the validation split; the study's joint-tempered
-    # row fits it again the same way, and its joint row predicts with the head as trained.
+    # The run fitted its head's temperature on the validation split. The study's joint-tempered
+    # row fits it again the same way, so it equals the report. Its joint row uses no temperature.
     for method, model in (("deterministic", "deterministic"), ("joint-tempered", "bayesian")):
         for key in ("accuracy", "ece", "mce", "nll", "brier"):
             assert rows[method][key] == report["models"][model][key], (method, key)
