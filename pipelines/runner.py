@@ -61,8 +61,8 @@ from pipelines.training import (
 logger = logging.getLogger(__name__)
 
 PREDICT_BATCH_SIZE = 500
-# Fewer validation images than this make the fitted temperature noisy: 40 digits gave 0.13
-# after a 3-epoch run, where 143 gave 0.89.
+# Fewer validation images than this make the fitted temperature noisy. On digits after 3 epochs,
+# 40 validation images gave 0.13 where 143 gave 0.89.
 MIN_TEMPERATURE_IMAGES = 100
 
 # A guide chosen from Python: a guide name (see guides.GUIDE_NAMES) or a function model -> guide.
