@@ -42,14 +42,14 @@ def main(argv=None) -> int:
         return 2
     data, models, loaders, device = reloaded.data, reloaded.models, reloaded.loaders, reloaded.device
 
-    check, summary, test_distance = clinical._input_check(args.run_dir, models, loaders)
+    check, summary, test_distance = clinical.fit_run_input_check(args.run_dir, models, loaders)
     if check is None:
         print(f"fit_input_check: error: {summary['skipped']}", file=sys.stderr)
         return 2
     print(f"{args.run_dir}: threshold {check['threshold']:.2f} (the {check['quantile']:.0%} quantile on "
           f"{len(data.val)} validation scans); refers {summary['test_referred_fraction']:.1%} of "
           f"{len(data.test)} MRI test scans; saved {args.run_dir / clinical.INPUT_CHECK_FILE}")
-    found = clinical._out_of_distribution(config, data, models, device)
+    found = clinical.predict_photographs(config, data, models, device)
     if "skipped" in found:
         print(f"photographs: skipped ({found['skipped']})")
         return 0

@@ -12,8 +12,10 @@ from guides.autoguides import GUIDE_NAMES
 from models.priors import HYPERPRIOR_NAMES, PRIOR_NAMES
 from pipelines.config import (
     DEFAULT_EPOCHS,
+    DEFAULT_WIDTHS,
     DEVICES,
     ELBOS,
+    FALLBACK_WIDTHS,
     LIKELIHOOD_NAMES,
     OPTIMIZER_DEFAULTS,
     OPTIMIZERS,
@@ -22,6 +24,7 @@ from pipelines.config import (
     TEMPERATURES,
     ConfigError,
     RunConfig,
+    RunFolderError,
     load_toml,
 )
 from pipelines.data import DATASET_NAMES, DataError
@@ -30,7 +33,7 @@ from pipelines.training import TrainingError
 logger = logging.getLogger("bayeshead")
 
 # Errors caused by what the user asked for: reported in one line, without a traceback.
-USER_ERRORS = (ConfigError, DataError, TrainingError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ConfigError, DataError, RunFolderError, TrainingError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 # Modules that add sub-commands: each defines ``add_commands(subparsers)``, and every parser it
@@ -125,8 +128,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add("--drop-leaked", action="store_true", default=None,
         help="brain-mri: drop the test scans that are byte- or near-identical to a training scan")
     add("--widths", type=_widths, metavar="W1,W2,...",
-        help=f"output channels of each convolutional block (default: {','.join(map(str, d.widths))})")
+        help="output channels of each convolutional block (default: "
+             + ", ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT_WIDTHS.items())
+             + f", {','.join(map(str, FALLBACK_WIDTHS))} otherwise)")
     add("--convs-per-block", type=positive_int, help=f"convolutions per block (default: {d.convs_per_block})")
+    add("--recompute-bn-stats", action="store_true", default=None,
+        help="after training, set batch norm's running statistics from one pass over the unaugmented "
+             "training images; recommended for runs of a few hundred steps or fewer (default: off)")
 
     bayes = parser.add_argument_group("Bayesian head")
     add = bayes.add_argument

@@ -390,8 +390,13 @@ def _save(figure, path: Path) -> None:
     atomic_save_figure(figure, path, dpi=110, bbox_inches="tight")
 
 
-def _out_of_distribution(config, data: DataBundle, models, device) -> dict:
-    """Predict on a seeded sample of CIFAR-10 test images made to look like the scans' input."""
+def predict_photographs(config, data: DataBundle, models, device) -> dict:
+    """Predict on a seeded sample of CIFAR-10 test images made to look like the scans' input.
+
+    Returns ``{"skipped": reason}`` when ``config.data_dir`` holds no ``cifar10-jpeg/test``
+    folder; otherwise the folder, the number of images, both models' predictions and the loader
+    of the photographs.
+    """
     from pipelines.runner import PREDICT_BATCH_SIZE, predict_both
 
     folder = Path(config.data_dir).expanduser() / "cifar10-jpeg" / "test"
@@ -474,7 +479,7 @@ def write_clinical_outputs(out, config, data: DataBundle, models, loaders: dict,
     result["referral"] = _referral(out, config, models, loaders, predictions, target_accuracy)
     threshold = result["referral"]["threshold"]
 
-    check, result["input_check"], test_distance = _input_check(out, models, loaders)
+    check, result["input_check"], test_distance = fit_run_input_check(out, models, loaders)
     if check is not None:
         result["files"]["input_check"] = INPUT_CHECK_FILE
     result["out_of_distribution"] = _ood_summary(config, data, models, loaders["test"].device, predictions,
@@ -541,10 +546,11 @@ def _referral(out: Path, config, models, loaders, predictions, target_accuracy) 
     return {**referral, "test": test_outcome}
 
 
-def _input_check(out: Path, models, loaders) -> tuple[dict | None, dict, np.ndarray | None]:
-    """Fit the input check on the Bayesian model's backbone, save it, and score the test split.
+def fit_run_input_check(out: Path, models, loaders) -> tuple[dict | None, dict, np.ndarray | None]:
+    """Fit the input check on the Bayesian model's backbone, save it in ``out``, and score the test split.
 
-    Returns the check (``None`` when it cannot be fitted), its summary for the report, and the
+    ``loaders`` needs ``train_plain`` (the training scans without augmentation), ``val`` and
+    ``test``. Returns the check (``None`` when it cannot be fitted), its summary for the report, and the
     test scans' distances.
     """
     from pipelines.training import extract_features
@@ -566,7 +572,7 @@ def _input_check(out: Path, models, loaders) -> tuple[dict | None, dict, np.ndar
 
 
 def _ood_summary(config, data, models, device, predictions, check=None, test_distance=None) -> dict:
-    found = _out_of_distribution(config, data, models, device)
+    found = predict_photographs(config, data, models, device)
     if "skipped" in found:
         logger.info("clinical outputs: %s", found["skipped"])
         return found

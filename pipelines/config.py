@@ -32,6 +32,11 @@ DEFAULT_EPOCHS = {"digits": 30, "cifar10": 20, "cifar100": 20, "image-folder": 1
 # better on images: on CIFAR-10 the AdamW recipe stopped at 0.837 test accuracy. AdamW is the
 # robust choice for the small bundled and tabular sets.
 OPTIMIZERS = ("sgd", "adamw")
+# Output channels of the CNN's blocks when --widths is not given. Brain MRI scans are larger than
+# CIFAR's 32 pixels: five blocks that start narrow see more of the scan per feature and cost less
+# than three wide blocks at that size (docs/medical.md).
+FALLBACK_WIDTHS = (32, 64, 128)
+DEFAULT_WIDTHS = {"brain-mri": (16, 32, 64, 128, 256)}
 DEFAULT_OPTIMIZER = {"digits": "adamw", "tabular": "adamw"}
 # Peak learning rate and weight decay (on kernels) of each optimizer's recipe.
 OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4}, "adamw": {"lr": 0.003, "weight_decay": 0.05}}
@@ -39,6 +44,10 @@ OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4}, "adamw": {"lr": 
 
 class ConfigError(ValueError):
     """An option has an invalid value; the message names the option and the valid values."""
+
+
+class RunFolderError(ValueError):
+    """A run folder's ``report.json`` is not a readable report of ``bayeshead run``."""
 
 
 def default_data_dir() -> str:
@@ -67,7 +76,7 @@ class RunConfig:
     seed: int = 0
     download: bool = False
     drop_leaked: bool = False
-    widths: tuple[int, ...] = (32, 64, 128)
+    widths: tuple[int, ...] | None = None
     convs_per_block: int = 2
     # Bayesian head
     prior: str = "normal"
@@ -89,6 +98,10 @@ class RunConfig:
     scheme: str = "two-stage"
     head_epochs: int = 30
     temperature: str = "validation"
+    # After training, replace batch norm's running statistics with those of one pass over the
+    # unaugmented training images (pipelines.training.recompute_batchnorm_statistics). Off by
+    # default so that runs stay comparable with the measured ones; it rescues very short runs.
+    recompute_bn_stats: bool = False
     # Likelihood of the head: categorical (classification) or gaussian (regression). The
     # Gaussian noise scale is a positive number, fixed, or "learned" as a point estimate.
     likelihood: str = "categorical"
@@ -97,6 +110,11 @@ class RunConfig:
 
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else DEFAULT_EPOCHS[self.dataset]
+
+    def resolved_widths(self) -> tuple[int, ...]:
+        if self.widths is not None:
+            return tuple(self.widths)
+        return DEFAULT_WIDTHS.get(self.dataset, FALLBACK_WIDTHS)
 
     def resolved_optimizer(self) -> str:
         return self.optimizer or DEFAULT_OPTIMIZER.get(self.dataset, "sgd")
@@ -157,7 +175,7 @@ class RunConfig:
             raise ConfigError(f"invalid --val-fraction {self.val_fraction}; expected a number in [0, 1)")
         if not 0 < self.prior_pi < 1:
             raise ConfigError(f"invalid --prior-pi {self.prior_pi}; expected a number in (0, 1)")
-        if not self.widths or any(int(w) < 1 for w in self.widths):
+        if self.widths is not None and (not self.widths or any(int(w) < 1 for w in self.widths)):
             raise ConfigError(f"invalid --widths {self.widths}; expected positive integers")
         if self.drop_leaked and self.dataset != "brain-mri":
             raise ConfigError(f"--drop-leaked applies to --dataset brain-mri only, got --dataset {self.dataset}")
@@ -204,7 +222,7 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        data["widths"] = list(self.widths)
+        data["widths"] = list(self.resolved_widths())
         data["epochs"] = self.resolved_epochs()
         data["optimizer"] = self.resolved_optimizer()
         data["lr"] = self.resolved_lr()
@@ -227,7 +245,7 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(known))}")
         values = dict(data)
-        if "widths" in values:
+        if values.get("widths") is not None:
             values["widths"] = tuple(int(w) for w in values["widths"])
         return cls(**values)
 

@@ -31,7 +31,6 @@ import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -328,42 +327,11 @@ def head_inference_data(head, guide, features: torch.Tensor, labels: torch.Tenso
 # Runs
 
 
-@dataclass
-class _LoadedRun:
-    report: dict
-    data: object
-    device: torch.device
-    models: object
+def _reload_run(run_dir: Path, data_dir: str | None, device: str | None, prior=None, guide_factory=None):
+    """Rebuild a classification run's data, models and loaders as :func:`pipelines.runner.evaluate` does."""
+    from pipelines.runner import check_components, read_run_report, reload_run, stored_config
 
-
-def _read_report(run_dir: Path) -> dict:
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} not found: expected the output folder of 'bayeshead run'")
-    report_path = run_dir / "report.json"
-    if not report_path.is_file():
-        raise FileNotFoundError(f"no report.json in {run_dir}: expected the output folder of 'bayeshead run'")
-    try:
-        report = json.loads(report_path.read_text())
-    except json.JSONDecodeError as error:
-        raise DiagnosticsError(f"{report_path} is not valid JSON ({error}); rerun 'bayeshead run --out {run_dir}'") from None
-    missing = [key for key in ("config", "normalization", "models") if key not in report]
-    if missing or "bayesian" not in report.get("models", {}):
-        raise DiagnosticsError(
-            f"{report_path} lacks {', '.join(missing) or 'models.bayesian'}: expected a report of 'bayeshead run'"
-        )
-    return report
-
-
-def _reload_run(run_dir: Path, data_dir: str | None, device: str | None, prior=None,
-                guide_factory=None) -> _LoadedRun:
-    """Rebuild a run's data and models as :func:`pipelines.runner.evaluate` does."""
-    from pipelines.runner import check_components, load_config_data, load_run, stored_config
-    from pipelines.training import select_device
-
-    report = _read_report(run_dir)
-    for name in ("deterministic.pt", "bayesian.pt"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"missing checkpoint {run_dir / name}; run 'bayeshead run --out {run_dir}' first")
+    report = read_run_report(run_dir)
     config = stored_config(report, data_dir, device)
     if config.likelihood != "categorical":
         raise DiagnosticsError(
@@ -371,11 +339,7 @@ def _reload_run(run_dir: Path, data_dir: str | None, device: str | None, prior=N
             "classification runs (--likelihood categorical) only"
         )
     check_components(report["models"]["bayesian"], prior, guide_factory)
-    torch_device = select_device(config.device)
-    data = load_config_data(config)
-    data.mean, data.std = report["normalization"]["mean"], report["normalization"]["std"]
-    models = load_run(run_dir, config, data, torch_device, prior=prior, guide_factory=guide_factory)
-    return _LoadedRun(report, data, torch_device, models)
+    return report, reload_run(run_dir, report, config, prior=prior, guide_factory=guide_factory)
 
 
 @torch.no_grad()
@@ -431,14 +395,14 @@ def build_inference_data(run_dir: str | Path, *, num_draws: int = DEFAULT_NUM_DR
         When the run was trained with a Python prior or guide factory that is not passed.
     """
     run_dir = Path(run_dir)
-    loaded = _reload_run(run_dir, data_dir, device, prior, guide_factory)
-    config = loaded.report["config"]
+    report, loaded = _reload_run(run_dir, data_dir, device, prior, guide_factory)
+    config = report["config"]
     seed = config["seed"] if seed is None else seed
     hybrid, guide = loaded.models.hybrid, loaded.models.guide
     features, labels = _test_features(hybrid, loaded.data, loaded.device)
     attrs = {
         "run_dir": str(run_dir.resolve()),
-        "dataset": loaded.report.get("dataset", config["dataset"]),
+        "dataset": report.get("dataset", config["dataset"]),
         "config": json.dumps(config, sort_keys=True),
         "test_set_sha1": fingerprint_test_split(loaded.data.test.images, loaded.data.test.labels),
         "draw_seed": int(seed),
@@ -447,7 +411,7 @@ def build_inference_data(run_dir: str | Path, *, num_draws: int = DEFAULT_NUM_DR
     }
     logger.info("%s: %d draws of the head on %d test inputs", run_dir, num_draws, len(labels))
     return head_inference_data(hybrid.head, guide, features, labels, loaded.data.classes, num_draws=num_draws,
-                               seed=seed, train_losses=loaded.report["models"]["bayesian"].get("train_losses"),
+                               seed=seed, train_losses=report["models"]["bayesian"].get("train_losses"),
                                attrs=attrs, temperature=hybrid.temperature)
 
 
@@ -1136,12 +1100,12 @@ def write_combined(run_dirs: Sequence[str | Path], out: str | Path = ".", *, per
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipelines.config import ConfigError
+    from pipelines.config import ConfigError, RunFolderError
     from pipelines.data import DataError
     from pipelines.training import TrainingError
 
-    return (DiagnosticsError, ConfigError, DataError, TrainingError, FileNotFoundError, NotADirectoryError,
-            PermissionError)
+    return (DiagnosticsError, ConfigError, DataError, RunFolderError, TrainingError, FileNotFoundError,
+            NotADirectoryError, PermissionError)
 
 
 def _report_error(error: BaseException) -> int:

@@ -315,11 +315,11 @@ def build_models(config: RunConfig, data: TabularData, prior: Prior | Callable |
     """Build the baseline and the hybrid, each with its own fully connected backbone."""
     from pipelines.runner import build_head, copy_config
 
-    deterministic = DeterministicClassifier(MLPBackbone(data.num_features, config.widths), 1)
+    deterministic = DeterministicClassifier(MLPBackbone(data.num_features, config.resolved_widths()), 1)
     head_config = config
     if config.fixed_noise_scale() is not None:
         head_config = copy_config(config, noise_scale=config.fixed_noise_scale() / data.y_std)
-    backbone = MLPBackbone(data.num_features, config.widths)
+    backbone = MLPBackbone(data.num_features, config.resolved_widths())
     hybrid = HybridClassifier(backbone, build_head(head_config, backbone.out_features, 1, prior))
     return deterministic, hybrid
 

@@ -42,7 +42,7 @@ from models import (
 )
 from pipelines import report as reporting
 from pipelines.baselines import fit_temperature
-from pipelines.config import ConfigError, RunConfig
+from pipelines.config import ConfigError, RunConfig, RunFolderError
 from pipelines.data import BatchIterator, DataBundle, load_dataset
 from pipelines.io import atomic_torch_save
 from pipelines.prediction import Predictions, predict_bayesian, predict_deterministic, sample_logits
@@ -51,6 +51,7 @@ from pipelines.training import (
     TrainingError,
     TrainResult,
     extract_features,
+    recompute_batchnorm_statistics,
     seed_everything,
     select_device,
     train_deterministic,
@@ -83,7 +84,7 @@ class TrainedModels:
 
 
 def build_backbone(config: RunConfig, in_channels: int) -> CNNBackbone:
-    return CNNBackbone(in_channels, config.widths, config.convs_per_block)
+    return CNNBackbone(in_channels, config.resolved_widths(), config.convs_per_block)
 
 
 def build_head(config: RunConfig, in_features: int, out_features: int,
@@ -304,6 +305,15 @@ def fit_head_temperature(config: RunConfig, hybrid: HybridClassifier, guide, loa
     return hybrid.temperature
 
 
+def _recompute_statistics(backbone, loader, name: str) -> float:
+    """Recompute ``backbone``'s batch-norm statistics on ``loader``; return the seconds it took."""
+    start = time.perf_counter()
+    count = recompute_batchnorm_statistics(backbone, loader)
+    logger.info("%s: recomputed the statistics of %d batch-norm layers on %d training images", name, count,
+                loader.num_data)
+    return time.perf_counter() - start
+
+
 def train_models(config: RunConfig, data: DataBundle, loaders, device, out: Path | None = None, *,
                  prior: Prior | Callable | None = None,
                  guide_factory: GuideFactory | None = None) -> TrainedModels:
@@ -323,6 +333,9 @@ def train_models(config: RunConfig, data: DataBundle, loaders, device, out: Path
 
     det_result = train_deterministic(deterministic, loaders["train"], epochs=epochs, **optimizer_options(config),
                                      on_epoch_end=save_det, progress=config.progress)
+    if config.recompute_bn_stats:
+        det_result.seconds += _recompute_statistics(deterministic.backbone, loaders["train_plain"], "CNN")
+        save_det(epochs - 1, None)
 
     seed_everything(config.seed)
     pyro.clear_param_store()
@@ -339,6 +352,9 @@ def train_models(config: RunConfig, data: DataBundle, loaders, device, out: Path
                             guide_factory=guide_factory)
         hyb_result = train_hybrid(hybrid, guide, loaders["train"], epochs=epochs, **optimizer_options(config),
                                   guide_lr=config.guide_lr, on_epoch_end=save_hyb, **svi_options(config))
+        if config.recompute_bn_stats:
+            hyb_result.seconds += _recompute_statistics(hybrid.backbone, loaders["train_plain"], "hybrid")
+            save_hyb(epochs - 1, None)
         features, labels = None, None
     else:
         guide, hyb_result, features, labels = fit_head_two_stage(
@@ -519,6 +535,9 @@ def read_run_report(run_dir: str | Path) -> dict:
     ------
     FileNotFoundError
         When the folder or its ``report.json`` is missing.
+    RunFolderError
+        When ``report.json`` is not valid JSON or lacks the ``config``, ``normalization`` or
+        ``models.bayesian`` entries that every report of ``bayeshead run`` has.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -526,7 +545,23 @@ def read_run_report(run_dir: str | Path) -> dict:
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         raise FileNotFoundError(f"no report.json in {run_dir}: expected the output folder of 'bayeshead run'")
-    return json.loads(report_path.read_text())
+    try:
+        report = json.loads(report_path.read_text())
+    except json.JSONDecodeError as error:
+        raise RunFolderError(f"{report_path} is not valid JSON ({error}); rerun 'bayeshead run --out {run_dir}'") from None
+    missing = [key for key in ("config", "normalization", "models") if key not in report] if isinstance(report, dict) else ["config"]
+    if missing or "bayesian" not in report.get("models", {}):
+        raise RunFolderError(
+            f"{report_path} lacks {', '.join(missing) or 'models.bayesian'}: expected a report of 'bayeshead run'"
+        )
+    return report
+
+
+def check_checkpoints(run_dir: str | Path) -> None:
+    """Raise FileNotFoundError, naming the file, when a run lacks either model's checkpoint."""
+    for name in ("deterministic.pt", "bayesian.pt"):
+        if not (Path(run_dir) / name).is_file():
+            raise FileNotFoundError(f"missing checkpoint {Path(run_dir) / name}; run 'bayeshead run --out {run_dir}' first")
 
 
 @dataclass
@@ -547,7 +582,13 @@ def reload_run(run_dir: str | Path, report: dict, config: RunConfig, *, prior: P
     ``report`` is the run's ``report.json`` and ``config`` the config rebuilt from it (see
     :func:`stored_config`). A run trained with a Python ``prior`` or ``guide_factory`` needs
     the same ones here.
+
+    Raises
+    ------
+    FileNotFoundError
+        When either model's checkpoint is missing.
     """
+    check_checkpoints(run_dir)
     torch_device = select_device(config.device)
     data = load_config_data(config)
     data.mean, data.std = report["normalization"]["mean"], report["normalization"]["std"]

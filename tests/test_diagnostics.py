@@ -382,6 +382,12 @@ def _report_only(path, runs):
     return path
 
 
+def _report_text(path, text):
+    path.mkdir()
+    (path / "report.json").write_text(text)
+    return path
+
+
 def _edited_report(path, runs, edit):
     shutil.copytree(runs["a"]["dir"], path)
     report = json.loads((path / "report.json").read_text())
@@ -403,12 +409,15 @@ def _custom_prior_report(report):
     [
         (lambda path, runs: path, "run folder {path} not found"),
         (lambda path, runs: _empty_folder(path), "no report.json in {path}"),
+        (lambda path, runs: _report_text(path, '{"config": '), "{path}/report.json is not valid JSON"),
+        (lambda path, runs: _report_text(path, '{"config": {}, "models": {}}'),
+         "{path}/report.json lacks normalization"),
         (_report_only, "missing checkpoint {path}/deterministic.pt"),
         (lambda path, runs: _edited_report(path, runs, _regression_report), "{path} is a regression run"),
         (lambda path, runs: _edited_report(path, runs, _custom_prior_report),
          "this run was trained with a prior passed from Python"),
     ],
-    ids=["missing-folder", "missing-report", "missing-checkpoint", "regression-run", "custom-prior"],
+    ids=["missing-folder", "missing-report", "invalid-json", "missing-keys", "missing-checkpoint", "regression-run", "custom-prior"],
 )
 def test_diagnose_bad_run_is_one_line(make, fragment, runs, tmp_path, capsys):
     path = make(tmp_path / "run", runs)

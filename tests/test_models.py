@@ -169,3 +169,24 @@ def test_sgd_backbone_adam_guide_step():
 
     torch.testing.assert_close(kernel.detach() - kernel_before, -0.5 / 25 * 1.9 * kernel_grad, rtol=1e-3, atol=1e-7)
     torch.testing.assert_close(loc.detach() - loc_before, -0.01 * torch.sign(loc_grad), rtol=1e-3, atol=1e-6)
+
+
+def test_recompute_batchnorm_replaces_history():
+    from pipelines.training import recompute_batchnorm_statistics
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    model[1].running_mean.fill_(50.0)  # a stale history the pass must not average into
+    model.eval()
+    inputs = torch.randn(40, 3) * torch.tensor([1.0, 2.0, 3.0]) + 5.0
+    batches = [(inputs[i : i + 10], None) for i in range(0, 40, 10)]
+
+    assert recompute_batchnorm_statistics(model, batches) == 1
+
+    with torch.no_grad():
+        hidden = model[0](inputs)
+    expected_var = torch.stack([hidden[i : i + 10].var(0, unbiased=True) for i in range(0, 40, 10)]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, hidden.mean(0))
+    torch.testing.assert_close(model[1].running_var, expected_var)
+    assert model[1].momentum == 0.1 and not model.training  # settings restored
+    assert recompute_batchnorm_statistics(torch.nn.Linear(2, 2), batches) == 0
