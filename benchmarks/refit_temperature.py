@@ -42,12 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="output folder of a finished 'bayeshead run' (classification)")
     parser.add_argument("--data-dir", default=None, help="data folder, if it moved since the run (default: the run's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="device to predict on (default: the run's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the numbers (default: print only)")
     return parser.parse_args(argv)
 
 
-def _row(predictions) -> dict:
+def metrics_row(predictions) -> dict:
+    """Return the test metrics of ``predictions`` and their accuracy at each referred fraction."""
     curve = selective_risk_curve(predictions.probs, predictions.labels, predictions.predictive_entropy)
     row = model_metrics(predictions)
     row.update({f"accuracy_at_{round(f * 100)}pct_referred": curve.accuracy_at(f) for f in REFERRED_FRACTIONS})
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     rows = {}
     stored = models.hybrid.temperature
     rows["as stored"] = {"temperature": stored,
-                         **_row(predict_bayesian(models.hybrid, models.guide, loaders["test"], config.num_samples,
+                         **metrics_row(predict_bayesian(models.hybrid, models.guide, loaders["test"], config.num_samples,
                                                  seed=config.seed))}
     start = time.perf_counter()
     fitted = fit_head_temperature(copy_config(config, temperature="validation"), models.hybrid, models.guide,
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     rows["validation temperature"] = {
         "temperature": fitted, "fit_seconds": seconds,
-        **_row(predict_bayesian(models.hybrid, models.guide, loaders["test"], config.num_samples, seed=config.seed)),
+        **metrics_row(predict_bayesian(models.hybrid, models.guide, loaders["test"], config.num_samples, seed=config.seed)),
     }
     keys = (*METRICS, *(f"accuracy_at_{round(f * 100)}pct_referred" for f in REFERRED_FRACTIONS))
     print(f"{args.run_dir}: Bayesian model on {len(data.test)} test images, {config.num_samples} posterior samples; "

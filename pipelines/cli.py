@@ -129,12 +129,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="brain-mri: drop the test scans that are byte- or near-identical to a training scan")
     add("--widths", type=_widths, metavar="W1,W2,...",
         help="output channels of each convolutional block (default: "
-             + ", ".join(f"{k} {','.join(map(str, v))}" for k, v in DEFAULT_WIDTHS.items())
-             + f", {','.join(map(str, FALLBACK_WIDTHS))} otherwise)")
+             + "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in DEFAULT_WIDTHS.items())
+             + f"; other datasets: {','.join(map(str, FALLBACK_WIDTHS))})")
     add("--convs-per-block", type=positive_int, help=f"convolutions per block (default: {d.convs_per_block})")
     add("--recompute-bn-stats", action="store_true", default=None,
         help="after training, set batch norm's running statistics from one pass over the unaugmented "
-             "training images; recommended for runs of a few hundred steps or fewer (default: off)")
+             "training images; use it for runs of a few epochs or fewer (default: off)")
 
     bayes = parser.add_argument_group("Bayesian head")
     add = bayes.add_argument

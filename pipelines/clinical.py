@@ -39,7 +39,13 @@ from pipelines.data import (
     load_images_cached,
     subset_indices,
 )
-from pipelines.io import atomic_save_figure, atomic_torch_save, atomic_write_json, atomic_write_text
+from pipelines.io import (
+    atomic_save_figure,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 # Below this many kept validation scans, the referral threshold gets a warning note.
@@ -790,7 +796,7 @@ def load_predictor(run_dir, device: str | None = None) -> Predictor:
     models = load_run(run_dir, config, bundle, torch_device)
     input_check = None
     if (run_dir / INPUT_CHECK_FILE).is_file():  # runs from before the input check have none
-        input_check = torch.load(run_dir / INPUT_CHECK_FILE, map_location="cpu", weights_only=True)
+        input_check = load_checkpoint(run_dir / INPUT_CHECK_FILE, map_location="cpu")
     return Predictor(config, models, list(stored["classes"]), mean, std, int(image_size),
                      "L" if channels == 1 else "RGB", referral, torch_device, input_check)
 

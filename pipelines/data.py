@@ -221,6 +221,8 @@ def decode_image(path: Path, mode: str, size: int | None) -> np.ndarray:
     """Decode one file by content into ``uint8`` ``(C, H, W)``, resized to ``size`` if given."""
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).is_dir():
+        raise DataError(f"{path} is a folder, not an image file: pass the image files in it")
     if not Path(path).is_file():
         raise DataError(f"image {path} not found: check the path")
     try:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.config import RunFolderError
+
 
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
@@ -44,3 +46,24 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def atomic_save_figure(figure, path: Path, **kwargs) -> None:
     _atomic_write(path, lambda stream: figure.savefig(stream, format="png", **kwargs))
+
+
+def load_checkpoint(path: Path, map_location=None) -> dict:
+    """Load a checkpoint of ``bayeshead run`` with ``weights_only=True``, so a file cannot run code.
+
+    Raises :class:`pipelines.config.RunFolderError` when the file is damaged or contains
+    anything but tensors and plain containers. PyTorch's own error suggests
+    ``weights_only=False``, which would run any code in a tampered file, so it is not passed on.
+    """
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or EOFError here
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RunFolderError(
+            f"cannot read checkpoint {path}: it is damaged or not a checkpoint of 'bayeshead run' ({reason[:200]}); "
+            "train the run again"
+        ) from None
+    if not isinstance(state, dict):
+        raise RunFolderError(f"invalid checkpoint {path}: it contains a {type(state).__name__}, not the dict "
+                             "that 'bayeshead run' saves")
+    return state

@@ -44,7 +44,7 @@ from pyro.infer import Predictive
 from models import DeterministicClassifier, HybridClassifier, MLPBackbone, Prior, freeze
 from pipelines.config import RunConfig
 from pipelines.data import SPLIT_SEED, DataError, subset_indices
-from pipelines.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from pipelines.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
 from pipelines.prediction import sample_posterior
 from pipelines.training import (
     FeatureLoader,
@@ -526,14 +526,15 @@ def evaluate_regression(run_dir: Path, stored: dict, config: RunConfig, device, 
 
     for name in ("deterministic.pt", "bayesian.pt"):
         if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"missing checkpoint {run_dir / name}; run 'bayeshead run --out {run_dir}' first")
+            raise FileNotFoundError(f"missing checkpoint {run_dir / name}; train the run again with its original "
+                                    f"options and --out {run_dir}")
     data = load_tabular(config.data_dir, subset=config.subset, seed=config.seed, val_fraction=config.val_fraction)
     deterministic, hybrid = build_models(config, data, prior)
-    det_state = torch.load(run_dir / "deterministic.pt", map_location=device, weights_only=True)
+    det_state = load_checkpoint(run_dir / "deterministic.pt", map_location=device)
     deterministic.load_state_dict(det_state["model"])
 
     pyro.clear_param_store()
-    hyb_state = torch.load(run_dir / "bayesian.pt", map_location=device, weights_only=True)
+    hyb_state = load_checkpoint(run_dir / "bayesian.pt", map_location=device)
     hybrid.backbone.load_state_dict(hyb_state["backbone"])
     hybrid.head.load_state_dict(hyb_state["head"])
     deterministic, hybrid = deterministic.to(device), hybrid.to(device).eval()

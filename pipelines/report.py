@@ -106,6 +106,18 @@ def write_diagrams(out: Path, predictions: dict) -> dict[str, str]:
     return files
 
 
+def _backbone_note(report: dict) -> str:
+    """Return the report.md sentence on the CNN's widths, image size and batch-norm statistics."""
+    config = report["config"]
+    note = f"CNN widths {', '.join(map(str, config['widths']))}"
+    image_size = (report.get("data_source") or {}).get("image_size")
+    if image_size:
+        note += f", images resized to {image_size} pixels"
+    if config.get("recompute_bn_stats"):
+        return note + "; batch-norm statistics recomputed on the training images after training."
+    return note + "; batch-norm statistics as trained (running averages)."
+
+
 def _temperature_note(config: dict, bayesian: dict) -> str:
     if "temperature" not in bayesian:  # a report from before the temperature option
         return ""
@@ -129,7 +141,8 @@ def write_report(out: Path, report: dict, predictions: dict, classes) -> None:
         f"# bayeshead run: {report['dataset']}",
         "",
         f"{sizes['train']} training, {sizes['val']} validation and {sizes['test']} test images, "
-        f"{len(classes)} classes; {config['epochs']} epochs, batch size {config['batch_size']}, "
+        f"{len(classes)} classes; {config['epochs']} epoch{'' if config['epochs'] == 1 else 's'}, "
+        f"batch size {config['batch_size']}, "
         f"seed {report['seed']}, device {report['device']}, {report['created']}.",
         f"Bayesian head: prior {report['models']['bayesian']['prior']}, guide {config['guide']} "
         f"({report['models']['bayesian'].get('guide_class', 'class not recorded')}), "
@@ -137,6 +150,7 @@ def write_report(out: Path, report: dict, predictions: dict, classes) -> None:
         f"{_temperature_note(config, report['models']['bayesian'])}.",
         f"Backbone optimizer {config.get('optimizer', 'adamw')} (peak learning rate {config['lr']}, weight decay "
         f"{config['weight_decay']}); guide optimizer Adam (peak learning rate {config.get('guide_lr', config['lr'])}).",
+        _backbone_note(report),
         "ECE and MCE use 15 equal-width bins on top-label confidence; NLL is in nats.",
         "",
         markdown_table(report["models"]),

@@ -74,7 +74,37 @@ def test_evaluate_missing_run_dir(tmp_path, capsys):
     (tmp_path / "report.json").write_text("[1, 2]")
     assert main(["evaluate", str(tmp_path)]) == 2
     error = capsys.readouterr().err
-    assert f"{tmp_path / 'report.json'} lacks config" in error and "Traceback" not in error
+    assert f"{tmp_path / 'report.json'} contains a JSON list" in error and "Traceback" not in error
+
+
+def _bad_run(folder, config=None, checkpoint=b"not a checkpoint"):
+    folder.mkdir()
+    report = {"config": RunConfig().to_dict() if config is None else config,
+              "normalization": {"mean": [0.0], "std": [1.0]}, "models": {"bayesian": {}}}
+    (folder / "report.json").write_text(json.dumps(report))
+    for name in ("deterministic.pt", "bayesian.pt"):
+        (folder / name).write_bytes(checkpoint)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda path: _bad_run(path), "cannot read checkpoint {path}/deterministic.pt: it is damaged"),
+        (lambda path: _bad_run(path, config={**RunConfig().to_dict(), "widths": "x"}),
+         "the run's report.json has an invalid config"),
+        (lambda path: _bad_run(path, config=5), "{path}/report.json: config is not a JSON object"),
+        (lambda path: (path.write_text("{}"), path)[1], "{path} is a file, not a run folder"),
+    ],
+    ids=["damaged-checkpoint", "invalid-widths", "config-not-object", "file-not-folder"],
+)
+def test_evaluate_bad_run_is_one_line(make, fragment, tmp_path, capsys):
+    path = make(tmp_path / "run")
+    assert main(["evaluate", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"bayeshead: error: {fragment.format(path=path)}")
+    assert len(error.strip().splitlines()) == 1
+    assert "weights_only=False" not in error  # torch's advice to load unsafely is not passed on
 
 
 def test_config_file_equals_flags(tmp_path):
@@ -251,6 +281,9 @@ def test_recompute_bn_stats_rescues_one_epoch(tmp_path):
                  "--num-samples", "5", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["recompute_bn_stats"] is True
+    markdown = (out / "report.md").read_text()
+    assert "1 epoch," in markdown
+    assert "CNN widths 32, 64, 128; batch-norm statistics recomputed on the training images" in markdown
     for name in ("deterministic", "bayesian"):
         assert report["models"][name]["accuracy"] > 0.8
     # The checkpoints hold the recomputed statistics: evaluating them reproduces the accuracies.

@@ -257,11 +257,12 @@ def test_predict_corrupt_file_reported(tiny_run, tmp_path, capsys):
     broken.write_bytes(b"\xff\xd8 truncated")
     good = report["clinical"]["cases_to_review"][0]["scan"]
     missing = tmp_path / "absent.png"
-    code = main(["predict", str(run_dir), str(broken), str(missing), good, "--json"])
+    code = main(["predict", str(run_dir), str(broken), str(missing), str(tmp_path), good, "--json"])
     captured = capsys.readouterr()
     assert code == 1
     assert f"bayeshead: error: cannot decode image {broken}" in captured.err
     assert f"bayeshead: error: image {missing} not found" in captured.err
+    assert f"bayeshead: error: {tmp_path} is a folder, not an image file" in captured.err
     assert [row["scan"] for row in json.loads(captured.out)] == [good]
 
 
