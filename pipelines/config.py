@@ -26,7 +26,7 @@ REGRESSION_DATASET_NAMES = ("tabular",)
 LOCAL_REPARAMETERIZATION_GUIDE_NAMES = ("normal", "diagonal", "meanfield")
 
 # Epochs when --epochs is not given: enough for the default recipe to converge on each preset.
-DEFAULT_EPOCHS = {"digits": 30, "cifar10": 20, "cifar100": 20, "image-folder": 15, "brain-mri": 20,
+DEFAULT_EPOCHS = {"digits": 30, "cifar10": 20, "cifar100": 20, "image-folder": 15, "brain-mri": 22,
                   "tabular": 50}
 # The backbone's optimizer when --optimizer is not given. SGD with Nesterov momentum generalises
 # better on images: on CIFAR-10 the AdamW recipe stopped at 0.837 test accuracy. AdamW is the
