@@ -21,13 +21,13 @@ import logging
 import platform
 import sys
 import time
-from pathlib import Path
 
 import pyro
 import torch
 from refit_temperature import (  # the benchmarks folder is on sys.path
     REFERRED_FRACTIONS,
     metrics_row,
+    run_script_parser,
 )
 
 from pipelines.io import atomic_write_json
@@ -46,12 +46,9 @@ from pipelines.training import recompute_batchnorm_statistics, seed_everything
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="output folder of a finished 'bayeshead run' with --scheme two-stage")
-    parser.add_argument("--data-dir", default=None, help="data folder, if it moved since the run (default: the run's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                        help="device to predict and refit on (default: the run's)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file for the numbers (default: print only)")
+    parser = run_script_parser(__doc__.splitlines()[0],
+                               "output folder of a finished 'bayeshead run' with --scheme two-stage",
+                               "device to predict and refit on (default: the run's)")
     return parser.parse_args(argv)
 
 

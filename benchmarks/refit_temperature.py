@@ -38,13 +38,19 @@ from pipelines.runner import (
 REFERRED_FRACTIONS = (0.05, 0.1, 0.2)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="output folder of a finished 'bayeshead run' (classification)")
+def run_script_parser(description: str, run_help: str, device_help: str) -> argparse.ArgumentParser:
+    """Build the options shared by the scripts that reload a finished run and print its metrics."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("run_dir", type=Path, help=run_help)
     parser.add_argument("--data-dir", default=None, help="data folder, if it moved since the run (default: the run's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                        help="device to predict on (default: the run's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help=device_help)
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the numbers (default: print only)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = run_script_parser(__doc__.splitlines()[0], "output folder of a finished 'bayeshead run' (classification)",
+                               "device to predict on (default: the run's)")
     return parser.parse_args(argv)
 
 

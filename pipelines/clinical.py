@@ -399,7 +399,7 @@ def _save(figure, path: Path) -> None:
 def predict_photographs(config, data: DataBundle, models, device) -> dict:
     """Predict on a seeded sample of CIFAR-10 test images made to look like the scans' input.
 
-    Returns ``{"skipped": reason}`` when ``config.data_dir`` holds no ``cifar10-jpeg/test``
+    Returns ``{"skipped": reason}`` when ``config.data_dir`` contains no ``cifar10-jpeg/test``
     folder; otherwise the folder, the number of images, both models' predictions and the loader
     of the photographs.
     """

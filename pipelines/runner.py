@@ -546,7 +546,7 @@ def read_run_report(run_dir: str | Path) -> dict:
     FileNotFoundError
         When the folder or its ``report.json`` is missing.
     RunFolderError
-        When ``report.json`` is not valid JSON or lacks the ``config``, ``normalization`` or
+        When ``report.json`` is not valid JSON or is missing the ``config``, ``normalization`` or
         ``models.bayesian`` entries that every report of ``bayeshead run`` has.
     """
     run_dir = Path(run_dir)
@@ -567,12 +567,12 @@ def read_run_report(run_dir: str | Path) -> dict:
                              "'bayeshead run' writes")
     missing = [key for key in ("config", "normalization", "models") if key not in report]
     if missing:
-        raise RunFolderError(f"{report_path} lacks {', '.join(missing)}: expected a report of 'bayeshead run'")
+        raise RunFolderError(f"{report_path} is missing {', '.join(missing)}: expected a report of 'bayeshead run'")
     for key in ("config", "normalization", "models"):
         if not isinstance(report[key], dict):
             raise RunFolderError(f"{report_path}: {key} is not a JSON object: expected a report of 'bayeshead run'")
     if not isinstance(report["models"].get("bayesian"), dict):
-        raise RunFolderError(f"{report_path} lacks models.bayesian: expected a report of 'bayeshead run'")
+        raise RunFolderError(f"{report_path} is missing models.bayesian: expected a report of 'bayeshead run'")
     return report
 
 
@@ -606,7 +606,7 @@ def reload_run(run_dir: str | Path, report: dict, config: RunConfig, *, prior: P
     Raises
     ------
     FileNotFoundError
-        When either model's checkpoint is missing.
+        When either model's checkpoint is missing, checked before the data are loaded.
     """
     check_checkpoints(run_dir)
     torch_device = select_device(config.device)

@@ -411,7 +411,7 @@ def _custom_prior_report(report):
         (lambda path, runs: _empty_folder(path), "no report.json in {path}"),
         (lambda path, runs: _report_text(path, '{"config": '), "{path}/report.json is not valid JSON"),
         (lambda path, runs: _report_text(path, '{"config": {}, "models": {}}'),
-         "{path}/report.json lacks normalization"),
+         "{path}/report.json is missing normalization"),
         (_report_only, "missing checkpoint {path}/deterministic.pt"),
         (lambda path, runs: _edited_report(path, runs, _regression_report), "{path} is a regression run"),
         (lambda path, runs: _edited_report(path, runs, _custom_prior_report),

@@ -188,5 +188,6 @@ def test_recompute_batchnorm_replaces_history():
     expected_var = torch.stack([hidden[i : i + 10].var(0, unbiased=True) for i in range(0, 40, 10)]).mean(0)
     torch.testing.assert_close(model[1].running_mean, hidden.mean(0))
     torch.testing.assert_close(model[1].running_var, expected_var)
-    assert model[1].momentum == 0.1 and not model.training  # settings restored
+    assert model[1].momentum == 0.1  # settings restored
+    assert not model.training
     assert recompute_batchnorm_statistics(torch.nn.Linear(2, 2), batches) == 0
